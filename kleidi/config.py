@@ -1,0 +1,271 @@
+"""The configuration model: one typed tree loaded from YAML or JSON, with env and CLI overrides."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from kleidi.errors import ConfigError
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """'30s', '500ms', '1m', '2h' or a bare number of seconds, to seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 30s, 500ms or 1m")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if not match:
+            raise ValueError(f"expected a duration such as 30s, 500ms or 1m, got {value!r}")
+        seconds = float(match.group(1)) * _UNITS[match.group(2)]
+    if seconds <= 0:
+        raise ValueError("must be greater than zero")
+    return seconds
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+
+def _file_mode(value: Any) -> int:
+    """A socket mode written as '0600', 0o600 (YAML reads 0600 as octal) or 384."""
+    if isinstance(value, str):
+        try:
+            value = int(value, 8)
+        except ValueError:
+            raise ValueError(f"expected an octal mode such as 0600, got {value!r}") from None
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0o777:
+        raise ValueError("expected an octal mode such as 0600")
+    if value & 0o007:
+        raise ValueError("must not grant access to other users (the last digit must be 0)")
+    return value
+
+
+FileMode = Annotated[int, BeforeValidator(_file_mode)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
+
+
+def _exactly_one_secret(section: str, file_value: str | None, env_value: str | None, what: str) -> None:
+    if bool(file_value) == bool(env_value):
+        raise ValueError(f"set exactly one of {what}_file or {what}_env in {section} (never a literal secret)")
+
+
+def read_secret(file_path: str | None, env_name: str | None, what: str) -> str:
+    """Read a secret from a file (trailing newline stripped) or an environment variable.
+
+    Errors name the file or variable, never the content."""
+    if file_path:
+        try:
+            value = Path(file_path).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{what}: cannot read {file_path}: {exc.strerror}") from None
+        if not value:
+            raise ConfigError(f"{what}: {file_path} is empty")
+        return value
+    if env_name:
+        env = os.environ.get(env_name)
+        if not env:
+            raise ConfigError(f"{what}: environment variable {env_name} is not set or empty")
+        return env
+    raise ConfigError(f"{what}: no source configured")
+
+
+class Pkcs11Config(_Section):
+    """A KEK on a PKCS#11 token: SoftHSM2, a hardware HSM, or a TPM2 through tpm2-pkcs11."""
+
+    module: str = "/usr/lib/softhsm/libsofthsm2.so"
+    token_label: str = Field(min_length=1, max_length=32)
+    pin_file: str | None = None
+    pin_env: str | None = None
+    key_label: str = Field(min_length=1, max_length=64)
+    hmac_key_label: str | None = Field(default=None, min_length=1, max_length=64)
+    mechanism: Literal["aes-gcm", "aes-cbc-hmac"] = "aes-gcm"
+    # Logged-in sessions kept open; parallel requests each take one.
+    pool_size: int = Field(default=4, ge=1, le=64)
+    # How long a request waits for a free session before failing UNAVAILABLE.
+    session_timeout: Duration = 2.0
+
+    @model_validator(mode="after")
+    def _check(self) -> Pkcs11Config:
+        _exactly_one_secret("pkcs11", self.pin_file, self.pin_env, "pin")
+        if self.mechanism == "aes-cbc-hmac" and not self.hmac_key_label:
+            raise ValueError("hmac_key_label is required when mechanism is aes-cbc-hmac")
+        if self.mechanism == "aes-gcm" and self.hmac_key_label:
+            raise ValueError("hmac_key_label is only used with mechanism aes-cbc-hmac")
+        if not Path(self.module).is_file():
+            raise ValueError(f"module {self.module} does not exist")
+        return self
+
+    def pin(self) -> str:
+        return read_secret(self.pin_file, self.pin_env, "pkcs11 pin")
+
+
+class VaultAuthConfig(_Section):
+    """How kleidi logs in to Vault/OpenBao. Credentials come from files or env, re-read at each login."""
+
+    method: Literal["token", "approle", "kubernetes", "jwt", "cert"] = "token"
+    # Auth mount path; empty means the method's default (approle, kubernetes, jwt, cert).
+    mount: str = ""
+    token_file: str | None = None
+    token_env: str | None = None
+    role: str = ""
+    role_id_file: str | None = None
+    secret_id_file: str | None = None
+    jwt_file: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> VaultAuthConfig:
+        required: dict[str, tuple[str, ...]] = {
+            "approle": ("role_id_file", "secret_id_file"),
+            "kubernetes": ("role", "jwt_file"),
+            "jwt": ("role", "jwt_file"),
+            "cert": ("client_cert", "client_key"),
+        }
+        if self.method == "token":
+            _exactly_one_secret("vault.auth", self.token_file, self.token_env, "token")
+        for name in required.get(self.method, ()):
+            if not getattr(self, name):
+                raise ValueError(f"{name} is required when method is {self.method}")
+        return self
+
+
+class VaultConfig(_Section):
+    """A transit key in HashiCorp Vault or OpenBao."""
+
+    address: str = Field(pattern=r"^https?://[^\s/]+")
+    ca_cert: str | None = None
+    namespace: str = ""
+    transit_mount: str = Field(default="transit", min_length=1)
+    key_name: str = Field(default="kleidi", min_length=1)
+    timeout: Duration = 5.0
+    auth: VaultAuthConfig = Field(default_factory=lambda: VaultAuthConfig(method="token", token_env="VAULT_TOKEN"))
+
+
+class Config(_Section):
+    """The whole kleidi configuration file."""
+
+    listen: str = "unix:///run/kleidi/kleidi.sock"
+    socket_mode: FileMode = 0o600
+    # Group that owns the socket (name or gid); empty keeps the process's group.
+    socket_group: str = ""
+    provider: Literal["pkcs11", "vault"]
+    health_interval: Duration = 30.0
+    metrics_listen: str = "127.0.0.1:8095"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    # Requests larger than this are refused before they reach the backend.
+    max_request_bytes: int = Field(default=64 * 1024, ge=1024, le=4 * 1024 * 1024)
+    # gRPC worker threads.
+    workers: int = Field(default=8, ge=1, le=256)
+    # How long SIGTERM waits for in-flight calls before closing.
+    shutdown_grace: Duration = 5.0
+    pkcs11: Pkcs11Config | None = None
+    vault: VaultConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_remote_yet(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("provider") == "remote":
+            raise ValueError("provider remote is not available in this version (use pkcs11 or vault)")
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Config:
+        socket_path(self.listen)  # raises ValueError with the reason
+        if getattr(self, self.provider) is None:
+            raise ValueError(f"provider is {self.provider} but the {self.provider} section is missing")
+        if self.metrics_listen:
+            _host_port(self.metrics_listen)
+        return self
+
+    @property
+    def socket_path(self) -> str:
+        return socket_path(self.listen)
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        return _host_port(self.metrics_listen) if self.metrics_listen else None
+
+
+def socket_path(listen: str) -> str:
+    """The filesystem path of a 'unix:///abs/path' (or '/abs/path') listen address."""
+    path = listen[len("unix://") :] if listen.startswith("unix://") else listen
+    if "://" in path:
+        raise ValueError(f"listen must be unix:///absolute/path, got {listen!r}")
+    if path.startswith("/@"):
+        raise ValueError("abstract sockets (unix:///@name) have no permissions; use a filesystem path")
+    if not path.startswith("/"):
+        raise ValueError(f"listen must be an absolute path (unix:///run/kleidi/kleidi.sock), got {listen!r}")
+    if len(path.encode()) > 107:
+        raise ValueError("listen path is longer than a unix socket allows (107 bytes)")
+    return path
+
+
+def _host_port(value: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"metrics_listen must be host:port, got {value!r}")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+ENV_OVERRIDES = {"KLEIDI_LISTEN": "listen", "KLEIDI_LOG_LEVEL": "log_level", "KLEIDI_METRICS_LISTEN": "metrics_listen"}
+
+
+def load(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> Config:
+    """Load and validate a config file. Precedence: CLI overrides, then KLEIDI_* env, then the file.
+
+    Raises ConfigError with one line naming the field and the problem."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)  # JSON is YAML
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config: {path} is not valid YAML or JSON{where}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must be a mapping of keys to values")
+    for env, key in ENV_OVERRIDES.items():
+        if env in os.environ:
+            data[key] = os.environ[env]
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            data[key] = value
+    return validate(data)
+
+
+def validate(data: dict[str, Any]) -> Config:
+    """Build a Config from plain data, turning the first validation error into a ConfigError."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    """One line naming the field and what is wrong with it (never the field's value)."""
+    err = exc.errors(include_url=False, include_input=False)[0]
+    field = ".".join(str(part) for part in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"config: {field}: unknown key"
+    if err["type"] == "missing":
+        return f"config: {field}: required but missing"
+    message = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+    return f"config: {field}: {message}"

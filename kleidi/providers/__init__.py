@@ -1,0 +1,1 @@
+"""Key backends: each turns a data key into a wrapped blob and back."""

@@ -1,0 +1,53 @@
+"""The Provider protocol every backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Wrapped:
+    """What Encrypt returns: the wrapped blob, the KEK that made it, and clear-text annotations."""
+
+    ciphertext: bytes
+    key_id: str
+    annotations: Mapping[str, bytes] = field(default_factory=dict)
+
+
+class Provider(Protocol):
+    """A key-encryption-key backend.
+
+    Contract (shared/kms-contract.md):
+    - ``key_id()`` names the KEK new encryptions use; stable while the KEK is the same,
+      different for a different key, never reused. It is answered from memory.
+    - ``encrypt`` returns a ``Wrapped`` whose key_id equals ``key_id()`` at the time of the call.
+    - ``decrypt`` works for every KEK that ever produced data still stored, not only the current one,
+      and never returns a wrong plaintext: tampering raises ``IntegrityError``.
+    - ``check`` does a real round trip against the backend and refreshes ``key_id()``;
+      the server calls it from its health loop, never from a request.
+    - Every failure is a ``kleidi.errors.KleidiError`` subclass.
+    """
+
+    name: str
+
+    def key_id(self) -> str:
+        """The current KEK identity, from memory."""
+        ...
+
+    def encrypt(self, plaintext: bytes, uid: str) -> Wrapped:
+        """Wrap a data key under the current KEK."""
+        ...
+
+    def decrypt(self, ciphertext: bytes, key_id: str, annotations: Mapping[str, bytes], uid: str) -> bytes:
+        """Unwrap a blob made by any KEK this backend still holds. ``key_id`` is empty for KMS v1."""
+        ...
+
+    def check(self) -> None:
+        """A real encrypt+decrypt round trip against the backend; raises on failure."""
+        ...
+
+    def close(self) -> None:
+        """Release sessions, connections and background work."""
+        ...
