@@ -36,11 +36,20 @@ class Provider(Protocol):
         """The current KEK identity, from memory."""
         ...
 
-    def encrypt(self, plaintext: bytes, uid: str) -> Wrapped:
-        """Wrap a data key under the current KEK."""
+    def encrypt(self, plaintext: bytes, uid: str, deadline: float | None = None) -> Wrapped:
+        """Wrap a data key under the current KEK.
+
+        ``deadline`` is a ``time.monotonic()`` instant (the caller's gRPC deadline): retries stop there."""
         ...
 
-    def decrypt(self, ciphertext: bytes, key_id: str, annotations: Mapping[str, bytes], uid: str) -> bytes:
+    def decrypt(
+        self,
+        ciphertext: bytes,
+        key_id: str,
+        annotations: Mapping[str, bytes],
+        uid: str,
+        deadline: float | None = None,
+    ) -> bytes:
         """Unwrap a blob made by any KEK this backend still holds. ``key_id`` is empty for KMS v1."""
         ...
 
