@@ -1,0 +1,80 @@
+"""Safe creation and removal of the plugin's unix socket path."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import logging
+import os
+import socket
+import stat
+
+from kleidi.errors import ConfigError
+
+log = logging.getLogger("kleidi.socket")
+
+
+def prepare(path: str) -> None:
+    """Make ``path`` ready to bind: parent directory present and safe, nothing live in the way.
+
+    A stale socket is removed only after a connect() proves nobody listens on it. A symlink,
+    a regular file or any other kind of file at the path is refused, never deleted."""
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        os.makedirs(parent, mode=0o750, exist_ok=True)
+    pst = os.lstat(parent)
+    if stat.S_ISLNK(pst.st_mode):
+        raise ConfigError(f"listen: socket directory {parent} is a symlink; refusing")
+    if pst.st_mode & stat.S_IWOTH and not pst.st_mode & stat.S_ISVTX:
+        raise ConfigError(f"listen: socket directory {parent} is writable by everyone; refusing")
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        raise ConfigError(f"listen: {path} is a symlink; refusing to use or remove it")
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"listen: {path} exists and is not a socket; refusing to remove it")
+    if _is_listening(path):
+        raise ConfigError(f"listen: another process is serving on {path}")
+    os.unlink(path)
+    log.info("removed stale socket", extra={"socket": path})
+
+
+def _is_listening(path: str) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(path)
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise ConfigError(f"listen: cannot tell whether {path} is in use: {exc.strerror}") from None
+    finally:
+        probe.close()
+    return True
+
+
+def secure(path: str, mode: int, group: str) -> int:
+    """Apply the configured mode and group to the bound socket; return its inode for later removal."""
+    if group:
+        gid = int(group) if group.isdigit() else _gid(group)
+        os.chown(path, -1, gid)
+    os.chmod(path, mode)
+    return os.lstat(path).st_ino
+
+
+def _gid(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(f"socket_group: no group named {name}") from None
+
+
+def remove(path: str, inode: int) -> None:
+    """Remove the socket only if it is still the one this process created."""
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if stat.S_ISSOCK(st.st_mode) and st.st_ino == inode:
+            os.unlink(path)
