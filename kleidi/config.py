@@ -151,7 +151,7 @@ class VaultConfig(_Section):
     transit_mount: str = Field(default="transit", min_length=1)
     key_name: str = Field(default="kleidi", min_length=1)
     timeout: Duration = 5.0
-    auth: VaultAuthConfig = Field(default_factory=lambda: VaultAuthConfig(method="token", token_env="VAULT_TOKEN"))
+    auth: VaultAuthConfig = Field(default_factory=lambda: VaultAuthConfig(method="token", token_env="VAULT_TOKEN"))  # noqa: S106 - a variable name
 
 
 class Config(_Section):

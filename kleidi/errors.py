@@ -52,10 +52,3 @@ class AuthFailed(KleidiError):
 
     code = grpc.StatusCode.UNAVAILABLE
     kind = "auth_failed"
-
-
-class Unhealthy(KleidiError):
-    """A write was refused because the last backend health check failed."""
-
-    code = grpc.StatusCode.UNAVAILABLE
-    kind = "unhealthy"

@@ -86,8 +86,11 @@ class HealthMonitor:
             log.log(
                 logging.INFO if state.ok else logging.WARNING,
                 "backend healthy" if state.ok else "backend unhealthy",
-                extra={"reason": state.reason, "key_id": state.key_id,
-                       "check_ms": round((time.monotonic() - started) * 1000, 2)},
+                extra={
+                    "reason": state.reason,
+                    "key_id": state.key_id,
+                    "check_ms": round((time.monotonic() - started) * 1000, 2),
+                },
             )
         return state
 

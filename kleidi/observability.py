@@ -10,7 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, ClassVar
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -41,18 +41,29 @@ class Metrics:
         PlatformCollector(registry=self.registry)
         r = self.registry
         self.requests = Counter(
-            "kleidi_requests_total", "gRPC requests by API, method and status code", ["api", "method", "code"], registry=r
+            "kleidi_requests_total",
+            "gRPC requests by API, method and status code",
+            ["api", "method", "code"],
+            registry=r,
         )
         self.request_seconds = Histogram(
-            "kleidi_request_duration_seconds", "gRPC request latency", ["api", "method"], buckets=_LATENCY_BUCKETS,
+            "kleidi_request_duration_seconds",
+            "gRPC request latency",
+            ["api", "method"],
+            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.backend_seconds = Histogram(
-            "kleidi_backend_duration_seconds", "Backend call latency", ["provider", "operation"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "kleidi_backend_duration_seconds",
+            "Backend call latency",
+            ["provider", "operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.backend_errors = Counter(
-            "kleidi_backend_errors_total", "Backend call failures by error kind", ["provider", "operation", "kind"],
+            "kleidi_backend_errors_total",
+            "Backend call failures by error kind",
+            ["provider", "operation", "kind"],
             registry=r,
         )
         self.healthy = Gauge("kleidi_healthy", "1 while the last backend round trip succeeded", registry=r)
@@ -60,19 +71,28 @@ class Metrics:
             "kleidi_health_checks_total", "Backend health round trips by result", ["result"], registry=r
         )
         self.key_info = Gauge(
-            "kleidi_current_key_info", "The current KEK, as a hash of its key_id (value is always 1)",
-            ["key_id_hash"], registry=r,
+            "kleidi_current_key_info",
+            "The current KEK, as a hash of its key_id (value is always 1)",
+            ["key_id_hash"],
+            registry=r,
         )
         self.vault_requests = Counter(
-            "kleidi_vault_requests_total", "Vault/OpenBao HTTP requests by operation and status",
-            ["operation", "status"], registry=r,
+            "kleidi_vault_requests_total",
+            "Vault/OpenBao HTTP requests by operation and status",
+            ["operation", "status"],
+            registry=r,
         )
         self.vault_request_seconds = Histogram(
-            "kleidi_vault_request_duration_seconds", "Vault/OpenBao request latency", ["operation"],
-            buckets=_LATENCY_BUCKETS, registry=r,
+            "kleidi_vault_request_duration_seconds",
+            "Vault/OpenBao request latency",
+            ["operation"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
         )
         self.vault_logins = Counter(
-            "kleidi_vault_logins_total", "Vault/OpenBao logins by auth method and result", ["method", "result"],
+            "kleidi_vault_logins_total",
+            "Vault/OpenBao logins by auth method and result",
+            ["method", "result"],
             registry=r,
         )
         self.vault_renewals = Counter(
@@ -108,8 +128,9 @@ class ProbeServer:
     /healthz and /readyz follow the last backend round trip."""
 
     def __init__(self, host: str, port: int, metrics: Metrics, health: Callable[[], tuple[bool, str]]) -> None:
-        handler = type("Handler", (_ProbeHandler,), {"metrics": metrics, "health": staticmethod(health)})
-        self._httpd = ThreadingHTTPServer((host, port), handler)
+        self._httpd = _ProbeHTTPServer((host, port), _ProbeHandler)
+        self._httpd.metrics = metrics
+        self._httpd.health = health
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="kleidi-probes", daemon=True)
 
@@ -126,18 +147,22 @@ class ProbeServer:
         self._httpd.server_close()
 
 
+class _ProbeHTTPServer(ThreadingHTTPServer):
+    metrics: Metrics
+    health: Callable[[], tuple[bool, str]]
+
+
 class _ProbeHandler(BaseHTTPRequestHandler):
-    metrics: ClassVar[Metrics]
-    health: ClassVar[Callable[[], tuple[bool, str]]]
+    server: _ProbeHTTPServer
 
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            self._send(200, self.metrics.render(), CONTENT_TYPE_LATEST)
+            self._send(200, self.server.metrics.render(), CONTENT_TYPE_LATEST)
         elif path == "/livez":
             self._send(200, b"ok\n")
         elif path in ("/healthz", "/readyz"):
-            ok, reason = self.health()
+            ok, reason = self.server.health()
             self._send(200 if ok else 503, (reason + "\n").encode())
         else:
             self._send(404, b"not found\n")
@@ -149,7 +174,7 @@ class _ProbeHandler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         """Probes are polled every few seconds; logging each would drown the useful lines."""
 
 
@@ -181,8 +206,11 @@ class KeyValueFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        fields = " ".join(f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
-                          for k, v in vars(record).items() if k not in _STANDARD)
+        fields = " ".join(
+            f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
+            for k, v in vars(record).items()
+            if k not in _STANDARD
+        )
         line = f"{ts} {record.levelname.lower()} {record.name} {record.getMessage()}"
         if fields:
             line += " " + fields

@@ -49,8 +49,10 @@ class _Call:
             return body(deadline)
         except KleidiError as exc:
             code = exc.code
-            log.warning("request failed", extra={"api": self._api, "method": method, "uid": uid,
-                                                 "error": exc.kind, "reason": str(exc)})
+            log.warning(
+                "request failed",
+                extra={"api": self._api, "method": method, "uid": uid, "error": exc.kind, "reason": str(exc)},
+            )
             if code == grpc.StatusCode.UNAVAILABLE:
                 self._health.poke()
             context.abort(code, str(exc))
@@ -65,8 +67,9 @@ class _Call:
             self._latency[method].observe(elapsed)
             self._metrics.requests.labels(self._api, method, code.name).inc()
             if code == grpc.StatusCode.OK and log.isEnabledFor(logging.INFO):
-                log.info("request", extra={"api": self._api, "method": method, "uid": uid,
-                                           "ms": round(elapsed * 1000, 3)})
+                log.info(
+                    "request", extra={"api": self._api, "method": method, "uid": uid, "ms": round(elapsed * 1000, 3)}
+                )
 
 
 def _check_plaintext(plaintext: bytes) -> None:
@@ -81,7 +84,7 @@ def _check_ciphertext(ciphertext: bytes) -> None:
         raise InvalidInput("ciphertext is empty")
 
 
-class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):  # type: ignore[misc]
+class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
     """v2.KeyManagementService: Status from the cached health state; Encrypt/Decrypt through the provider."""
 
     def __init__(self, provider: Provider, health: HealthMonitor, metrics: Metrics) -> None:
@@ -102,8 +105,11 @@ class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):  # type: ignore[m
         def body(deadline: float | None) -> v2_pb2.EncryptResponse:
             _check_plaintext(request.plaintext)
             wrapped = self._provider.encrypt(request.plaintext, request.uid, deadline)
-            problems = (contract.ciphertext_problems(wrapped.ciphertext) + contract.key_id_problems(wrapped.key_id)
-                        + contract.annotation_problems(wrapped.annotations))
+            problems = (
+                contract.ciphertext_problems(wrapped.ciphertext)
+                + contract.key_id_problems(wrapped.key_id)
+                + contract.annotation_problems(wrapped.annotations)
+            )
             if problems:  # a provider bug; the apiserver would reject the answer anyway
                 raise KleidiError("provider answer breaks the KMS contract: " + "; ".join(problems))
             return v2_pb2.EncryptResponse(
@@ -126,7 +132,7 @@ class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):  # type: ignore[m
         return self._call.run("Decrypt", request.uid, context, body)
 
 
-class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):  # type: ignore[misc]
+class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):
     """v1beta1.KeyManagementService, for clusters migrating off KMS v1 plugins."""
 
     def __init__(self, provider: Provider, health: HealthMonitor, metrics: Metrics) -> None:
@@ -182,10 +188,10 @@ class KleidiServer:
             ],
             maximum_concurrent_rpcs=cfg.workers * 16,
         )
-        v2_pb2_grpc.add_KeyManagementServiceServicer_to_server(
+        v2_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
             KmsV2Servicer(self.provider, self.health, self.metrics), server
         )
-        v1beta1_pb2_grpc.add_KeyManagementServiceServicer_to_server(
+        v1beta1_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
             KmsV1Servicer(self.provider, self.health, self.metrics), server
         )
         # The socket must never exist with a wider mode than configured, not even for an instant.
@@ -201,8 +207,15 @@ class KleidiServer:
         if address is not None:
             self._probes = ProbeServer(address[0], address[1], self.metrics, self._probe_health)
             self._probes.start()
-        log.info("serving", extra={"socket": path, "provider": self.provider.name, "version": __version__,
-                                   "metrics": cfg.metrics_listen or "disabled"})
+        log.info(
+            "serving",
+            extra={
+                "socket": path,
+                "provider": self.provider.name,
+                "version": __version__,
+                "metrics": cfg.metrics_listen or "disabled",
+            },
+        )
 
     def _probe_health(self) -> tuple[bool, str]:
         state = self.health.state

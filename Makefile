@@ -1,0 +1,42 @@
+# Two entry points for a newcomer: `make demo` and `make test`. Both install what they need first.
+SHELL := /bin/bash
+PYTHON ?= python3
+DEB_PACKAGES := softhsm2 opensc swtpm swtpm-tools tpm2-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools \
+	tpm2-abrmd libtss2-tcti-tabrmd0 dbus procps
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: deps deps-system deps-python demo test lint typecheck unit bench regenerate-api
+
+deps: deps-system deps-python
+
+# Installs only the Debian packages that are missing, so a second run is quick and offline-safe.
+deps-system:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+deps-python:
+	$(PYTHON) -m pip install -q -e '.[test]'
+
+demo: deps
+	$(PYTHON) -m scripts.demo
+
+lint:
+	$(PYTHON) -m ruff check kleidi tests bench scripts
+	$(PYTHON) -m ruff format --check kleidi tests bench scripts
+
+typecheck:
+	$(PYTHON) -m mypy
+
+test: deps lint typecheck
+	$(PYTHON) -m pytest -q
+
+bench: deps
+	$(PYTHON) -m bench
+
+regenerate-api:
+	kleidi/api/regenerate.sh

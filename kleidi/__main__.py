@@ -1,0 +1,5 @@
+import sys
+
+from kleidi.cli import main
+
+sys.exit(main())

@@ -1,0 +1,270 @@
+"""KEKs on a PKCS#11 token (SoftHSM2, a hardware HSM, a TPM2 through tpm2-pkcs11).
+
+aes-gcm wraps with CKM_AES_GCM (random 96-bit IV, 128-bit tag, the blob header as associated data).
+aes-cbc-hmac is for tokens without GCM, such as a TPM: CKM_AES_CBC_PAD with a random IV, then
+CKM_SHA256_HMAC over header, IV and ciphertext, verified before anything is decrypted.
+Both run on the token; kleidi never sees key material. See pkcs11_blob for the format."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+import PyKCS11
+
+from kleidi.config import Pkcs11Config
+from kleidi.errors import (
+    BackendUnavailable,
+    ConfigError,
+    IntegrityError,
+    InvalidInput,
+    KeyNotFound,
+    KleidiError,
+)
+from kleidi.observability import Metrics
+from kleidi.providers.base import Wrapped
+from kleidi.providers.pkcs11_blob import (
+    AES_BLOCK,
+    CBC_IV_BYTES,
+    FINGERPRINT_BYTES,
+    GCM_IV_BYTES,
+    GCM_TAG_BYTES,
+    Blob,
+    KeyRef,
+    Mechanism,
+    parse,
+)
+from kleidi.providers.pkcs11_token import LOST, PIN_REJECTED, Session, Token, ckr_name
+
+log = logging.getLogger("kleidi.pkcs11")
+
+T = TypeVar("T")
+
+_HMAC = PyKCS11.Mechanism(PyKCS11.CKM_SHA256_HMAC)
+_ZERO_BLOCK = bytes(AES_BLOCK)
+_KCV_MESSAGE = b"kleidi key check value"
+
+
+class _Kek:
+    """Object handles of one KEK on the current connection, with its reference and prebuilt header."""
+
+    __slots__ = ("aes", "conn", "header", "key_id", "mac", "ref")
+
+    def __init__(self, ref: KeyRef, conn: object, aes: Any, mac: Any) -> None:
+        self.ref = ref
+        self.conn = conn
+        self.aes = aes
+        self.mac = mac
+        self.header = ref.header()
+        self.key_id = ref.key_id
+
+
+def _kcv(raw: Any, mechanism: Mechanism, aes: Any, mac: Any) -> bytes:
+    """A fingerprint computed by the key itself on the token (like a classic key check value), so it is
+    the same on every restart and every copy of the key, and different for different key material."""
+    if mechanism == "aes-gcm":
+        check = bytes(raw.encrypt(aes, _ZERO_BLOCK, PyKCS11.AES_GCM_Mechanism(bytes(GCM_IV_BYTES), b"", 128)))
+    else:
+        check = bytes(raw.encrypt(aes, _ZERO_BLOCK, PyKCS11.Mechanism(PyKCS11.CKM_AES_CBC, bytes(CBC_IV_BYTES))))
+        check += bytes(raw.sign(mac, _KCV_MESSAGE, _HMAC))
+    return hashlib.sha256(b"kleidi-kcv-v1" + check).digest()[:FINGERPRINT_BYTES]
+
+
+def _find(raw: Any, label: str) -> list[Any]:
+    return list(raw.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_LABEL, label)]))
+
+
+class Pkcs11Provider:
+    """The Provider for PKCS#11 tokens."""
+
+    name = "pkcs11"
+
+    def __init__(self, cfg: Pkcs11Config, metrics: Metrics) -> None:
+        self._cfg = cfg
+        self._token = Token(cfg)
+        self._mechanism: Mechanism = cfg.mechanism
+        self._labels: tuple[str, ...] = (cfg.key_label,) + ((cfg.hmac_key_label,) if cfg.hmac_key_label else ())
+        self._current: _Kek | None = None
+        self._key_id = ""
+        # KEKs found for decryption. Handles belong to one connection; an entry from an older one is looked up again.
+        self._keks: dict[KeyRef, _Kek] = {}
+        self._metrics = metrics
+        self._time = {op: metrics.backend_seconds.labels(self.name, op) for op in ("encrypt", "decrypt", "check")}
+        self._errors = metrics.backend_errors
+
+    # --- Provider -------------------------------------------------------------------------------------------
+
+    def key_id(self) -> str:
+        return self._key_id
+
+    def encrypt(self, plaintext: bytes, uid: str, deadline: float | None = None) -> Wrapped:
+        def op(sess: Session) -> Wrapped:
+            kek = self._current_kek(sess)
+            if kek.ref.mechanism == "aes-gcm":
+                iv = os.urandom(GCM_IV_BYTES)
+                mech = PyKCS11.AES_GCM_Mechanism(iv, kek.header, 128)
+                body = bytes(sess.raw.encrypt(kek.aes, plaintext, mech))
+                return Wrapped(kek.header + iv + body, kek.key_id)
+            iv = os.urandom(CBC_IV_BYTES)
+            body = bytes(sess.raw.encrypt(kek.aes, plaintext, PyKCS11.Mechanism(PyKCS11.CKM_AES_CBC_PAD, iv)))
+            signed = kek.header + iv + body
+            return Wrapped(signed + bytes(sess.raw.sign(kek.mac, signed, _HMAC)), kek.key_id)
+
+        return self._run("encrypt", deadline, op)
+
+    def decrypt(
+        self,
+        ciphertext: bytes,
+        key_id: str,
+        annotations: Mapping[str, bytes],
+        uid: str,
+        deadline: float | None = None,
+    ) -> bytes:
+        if annotations:
+            names = ", ".join(sorted(annotations))[:200]
+            raise InvalidInput(f"unexpected annotations ({names}): kleidi's pkcs11 provider writes none")
+        blob = parse(ciphertext)
+        if key_id and key_id != blob.ref.key_id:
+            raise InvalidInput("key_id does not match the key reference inside the ciphertext")
+
+        def op(sess: Session) -> bytes:
+            kek = self._kek_for(sess, blob.ref)
+            return self._unwrap(sess, kek, blob)
+
+        return self._run("decrypt", deadline, op)
+
+    def check(self) -> None:
+        """Find the current KEK by its label again (it may have been replaced), then a real round trip."""
+        deadline = time.monotonic() + max(self._cfg.session_timeout, 1.0)
+
+        self._run("check", deadline, self._resolve_current)
+        probe = os.urandom(32)
+        wrapped = self.encrypt(probe, "health-check", deadline)
+        if self.decrypt(wrapped.ciphertext, wrapped.key_id, {}, "health-check", deadline) != probe:
+            raise IntegrityError("health round trip returned a different plaintext")
+
+    def close(self) -> None:
+        self._token.close()
+
+    # --- internals ------------------------------------------------------------------------------------------
+
+    def _run(self, operation: str, deadline: float | None, op: Callable[[Session], T]) -> T:
+        """Run ``op`` on a pooled session; retry once on a fresh connection if the token connection was lost."""
+        started = time.perf_counter()
+        try:
+            for attempt in (1, 2):
+                try:
+                    with self._token.session(deadline) as sess:
+                        return op(sess)
+                except PyKCS11.PyKCS11Error as exc:
+                    if exc.value in LOST and attempt == 1 and (deadline is None or time.monotonic() < deadline):
+                        continue
+                    raise self._translate(exc, operation) from None
+            raise AssertionError("unreachable")
+        except KleidiError as exc:
+            self._errors.labels(self.name, operation, exc.kind).inc()
+            raise
+        finally:
+            self._time[operation].observe(time.perf_counter() - started)
+
+    def _translate(self, exc: PyKCS11.PyKCS11Error, operation: str) -> KleidiError:
+        name = ckr_name(exc)
+        if exc.value in PIN_REJECTED:
+            return BackendUnavailable(f"token refused the PIN during {operation} ({name})")
+        if exc.value in LOST:
+            return BackendUnavailable(f"token {self._cfg.token_label!r} unavailable during {operation} ({name})")
+        if exc.value in (
+            PyKCS11.CKR_MECHANISM_INVALID,
+            PyKCS11.CKR_KEY_TYPE_INCONSISTENT,
+            PyKCS11.CKR_KEY_FUNCTION_NOT_PERMITTED,
+            PyKCS11.CKR_MECHANISM_PARAM_INVALID,
+        ):
+            return ConfigError(f"the token cannot {operation} with mechanism {self._mechanism} on this key ({name})")
+        return BackendUnavailable(f"token {operation} failed ({name})")
+
+    def _current_kek(self, sess: Session) -> _Kek:
+        current = self._current
+        if current is not None and current.conn is sess.conn:
+            return current
+        return self._resolve_current(sess)
+
+    def _resolve_current(self, sess: Session) -> _Kek:
+        """The KEK that ``key_label`` (and ``hmac_key_label``) name now; its labels must be unique."""
+        handles = []
+        for label in self._labels:
+            found = _find(sess.raw, label)
+            if not found:
+                raise KeyNotFound(f"no secret key labelled {label!r} on token {self._cfg.token_label!r}")
+            if len(found) > 1:
+                raise ConfigError(
+                    f"{len(found)} secret keys carry the label {label!r}; the current KEK's label must be unique "
+                    "(give a new KEK a new label and point key_label at it)"
+                )
+            handles.append(found[0])
+        aes, mac = handles[0], handles[1] if len(handles) > 1 else None
+        ref = KeyRef(self._mechanism, self._labels, self._fingerprint(sess, aes, mac))
+        kek = _Kek(ref, sess.conn, aes, mac)
+        self._keks[ref] = kek
+        if kek.key_id != self._key_id:
+            log.info("current KEK", extra={"key_id": kek.key_id, "previous": self._key_id or "none"})
+        self._current = kek
+        self._key_id = kek.key_id
+        return kek
+
+    def _fingerprint(self, sess: Session, aes: Any, mac: Any) -> bytes:
+        try:
+            return _kcv(sess.raw, self._mechanism, aes, mac)
+        except PyKCS11.PyKCS11Error as exc:
+            if exc.value in LOST:
+                raise
+            raise ConfigError(
+                f"key {self._labels[0]!r} cannot be used with mechanism {self._mechanism} ({ckr_name(exc)})"
+            ) from None
+
+    def _kek_for(self, sess: Session, ref: KeyRef) -> _Kek:
+        """The KEK a blob names: by label, then by fingerprint, so a reused label never matches wrongly."""
+        kek = self._keks.get(ref)
+        if kek is not None and kek.conn is sess.conn:
+            return kek
+        candidates = [_find(sess.raw, label) for label in ref.labels]
+        macs = candidates[1] if len(candidates) > 1 else [None]
+        for aes in candidates[0]:
+            for mac in macs:
+                try:
+                    fingerprint = _kcv(sess.raw, ref.mechanism, aes, mac)
+                except PyKCS11.PyKCS11Error as exc:
+                    if exc.value in LOST:
+                        raise
+                    continue  # a key with that label that cannot do this mechanism is not the one
+                if hmac.compare_digest(fingerprint, ref.fingerprint):
+                    kek = _Kek(ref, sess.conn, aes, mac)
+                    self._keks[ref] = kek
+                    return kek
+        raise KeyNotFound(f"the KEK that wrapped this data ({ref.key_id}) is not on token {self._cfg.token_label!r}")
+
+    def _unwrap(self, sess: Session, kek: _Kek, blob: Blob) -> bytes:
+        try:
+            if blob.ref.mechanism == "aes-gcm":
+                mech = PyKCS11.AES_GCM_Mechanism(blob.iv, blob.header, GCM_TAG_BYTES * 8)
+                return bytes(sess.raw.decrypt(kek.aes, blob.ciphertext, mech))
+            expected = bytes(sess.raw.sign(kek.mac, blob.header + blob.iv + blob.ciphertext, _HMAC))
+            if not hmac.compare_digest(expected, blob.mac):
+                raise IntegrityError("ciphertext failed authentication (MAC mismatch): tampered or corrupted")
+            cbc = PyKCS11.Mechanism(PyKCS11.CKM_AES_CBC_PAD, blob.iv)
+            return bytes(sess.raw.decrypt(kek.aes, blob.ciphertext, cbc))
+        except PyKCS11.PyKCS11Error as exc:
+            # SoftHSM answers a GCM tag mismatch with CKR_GENERAL_ERROR, others with ENCRYPTED_DATA_INVALID.
+            if exc.value in (
+                PyKCS11.CKR_ENCRYPTED_DATA_INVALID,
+                PyKCS11.CKR_ENCRYPTED_DATA_LEN_RANGE,
+                PyKCS11.CKR_GENERAL_ERROR,
+                PyKCS11.CKR_DATA_INVALID,
+                PyKCS11.CKR_DATA_LEN_RANGE,
+            ):
+                raise IntegrityError("ciphertext failed authentication: tampered, corrupted or truncated") from None
+            raise

@@ -1,0 +1,261 @@
+"""One PKCS#11 token: the loaded module, the slot, the login and a pool of logged-in sessions.
+
+When the token goes away (unplugged HSM, stopped TPM resource manager, SoftHSM store moved) every
+session and object handle dies with it. The pool then throws the whole connection away and builds a
+new one on the next use: unload the module, load it again, find the token by label, log in."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import PyKCS11
+
+from kleidi.config import Pkcs11Config
+from kleidi.errors import AuthFailed, BackendUnavailable, ConfigError, KleidiError
+
+log = logging.getLogger("kleidi.pkcs11")
+
+# The token is gone or the session died with it: rebuild the connection.
+LOST = frozenset(
+    {
+        PyKCS11.CKR_SESSION_HANDLE_INVALID,
+        PyKCS11.CKR_SESSION_CLOSED,
+        PyKCS11.CKR_TOKEN_NOT_PRESENT,
+        PyKCS11.CKR_TOKEN_NOT_RECOGNIZED,
+        PyKCS11.CKR_DEVICE_REMOVED,
+        PyKCS11.CKR_DEVICE_ERROR,
+        PyKCS11.CKR_DEVICE_MEMORY,
+        PyKCS11.CKR_USER_NOT_LOGGED_IN,
+        PyKCS11.CKR_CRYPTOKI_NOT_INITIALIZED,
+        PyKCS11.CKR_OBJECT_HANDLE_INVALID,
+        PyKCS11.CKR_KEY_HANDLE_INVALID,
+        PyKCS11.CKR_GENERAL_ERROR,
+        PyKCS11.CKR_SLOT_ID_INVALID,
+        PyKCS11.CKR_FUNCTION_FAILED,
+    }
+)
+# The token refused the PIN. Retrying the same PIN counts down to a locked token: never do it.
+PIN_REJECTED = frozenset(
+    {
+        PyKCS11.CKR_PIN_INCORRECT,
+        PyKCS11.CKR_PIN_INVALID,
+        PyKCS11.CKR_PIN_LEN_RANGE,
+        PyKCS11.CKR_PIN_EXPIRED,
+        PyKCS11.CKR_PIN_LOCKED,
+    }
+)
+# After a failed connect, requests fail fast instead of reloading the module on every call.
+_RECONNECT_BACKOFF = 1.0
+
+
+def ckr_name(exc: PyKCS11.PyKCS11Error) -> str:
+    return str(PyKCS11.CKR.get(exc.value, f"CKR_0x{exc.value:08X}"))
+
+
+@dataclass(eq=False, slots=True)
+class _Connection:
+    lib: Any
+    slot: int
+    serial: str
+    idle: list[Any]
+    borrowed: int = 0
+    dead: bool = False
+
+
+class Session:
+    """A logged-in session checked out of the pool; ``raw`` is the PyKCS11 session."""
+
+    __slots__ = ("conn", "raw")
+
+    def __init__(self, raw: Any, conn: _Connection) -> None:
+        self.raw = raw
+        self.conn = conn
+
+
+class Token:
+    """The token named by ``token_label``, with ``pool_size`` logged-in sessions.
+
+    A lost connection's module is unloaded only once every session borrowed from it is back: PyKCS11
+    crashes the process if a session is used after its module is unloaded, and loading the module again
+    while the old copy is still loaded would reuse it instead of rescanning the tokens."""
+
+    def __init__(self, cfg: Pkcs11Config) -> None:
+        self._cfg = cfg
+        self._cond = threading.Condition()
+        self._conn: _Connection | None = None
+        self._dying: list[_Connection] = []
+        self._last_failure: KleidiError | None = None
+        self._last_attempt = 0.0
+        # The digest of a PIN the token refused: that PIN is never offered again, a new one is.
+        self._rejected_pin: bytes | None = None
+
+    @property
+    def serial(self) -> str:
+        conn = self._conn
+        return conn.serial if conn is not None else ""
+
+    @contextmanager
+    def session(self, deadline: float | None) -> Iterator[Session]:
+        """Check out a logged-in session, connecting first if needed; waits for a free one until ``deadline``.
+
+        A PKCS#11 error inside the block that means the token or session is gone throws the connection away."""
+        sess = self._checkout(deadline)
+        lost = False
+        try:
+            yield sess
+        except PyKCS11.PyKCS11Error as exc:
+            lost = exc.value in LOST
+            if lost:
+                log.warning("token connection lost; reconnecting on next use", extra={"ckr": ckr_name(exc)})
+            raise
+        finally:
+            self._checkin(sess, lost)
+
+    def _checkout(self, deadline: float | None) -> Session:
+        wait = self._cfg.session_timeout
+        if deadline is not None:
+            wait = min(wait, max(deadline - time.monotonic(), 0.0))
+        until = time.monotonic() + wait
+        with self._cond:
+            while True:
+                conn = self._conn
+                if conn is None:
+                    self._connect_locked(until)
+                    continue
+                if conn.idle:
+                    conn.borrowed += 1
+                    return Session(conn.idle.pop(), conn)
+                left = until - time.monotonic()
+                if left <= 0 or not self._cond.wait(left):
+                    raise BackendUnavailable(
+                        f"no free PKCS#11 session within {wait:.2f}s (pool_size {self._cfg.pool_size}): "
+                        "the token is overloaded or a call hangs"
+                    )
+
+    def _checkin(self, sess: Session, lost: bool) -> None:
+        conn = sess.conn
+        with self._cond:
+            conn.borrowed -= 1
+            if lost and conn is self._conn:
+                self._retire_locked()
+            if conn.dead:
+                if conn.borrowed == 0:
+                    self._unload_locked(conn)
+            else:
+                conn.idle.append(sess.raw)
+            self._cond.notify_all()
+
+    def connect(self, deadline: float | None = None) -> None:
+        """Make sure a connection exists. Raises AuthFailed on a refused PIN, BackendUnavailable otherwise."""
+        until = deadline if deadline is not None else time.monotonic() + self._cfg.session_timeout
+        with self._cond:
+            if self._conn is None:
+                self._connect_locked(until)
+
+    def _connect_locked(self, until: float) -> None:
+        now = time.monotonic()
+        if self._last_failure is not None and now - self._last_attempt < _RECONNECT_BACKOFF:
+            raise type(self._last_failure)(str(self._last_failure))
+        # Calls still running on the lost connection must finish before its module can be unloaded.
+        if not self._cond.wait_for(lambda: not self._dying, max(until - now, 0.0)):
+            raise BackendUnavailable("token connection lost; waiting for in-flight calls before reconnecting")
+        self._last_attempt = time.monotonic()
+        try:
+            self._conn = self._open()
+            self._last_failure = None
+        except KleidiError as exc:
+            self._last_failure = exc
+            raise
+
+    def _open(self) -> _Connection:
+        cfg = self._cfg
+        pin = cfg.pin()
+        digest = hashlib.sha256(pin.encode()).digest()
+        if self._rejected_pin == digest:
+            raise AuthFailed(
+                f"token {cfg.token_label!r} refused this PIN before; not retrying it so the token does not lock. "
+                "Fix the PIN file or environment; kleidi uses the new PIN on its next check"
+            )
+        lib = PyKCS11.PyKCS11Lib()
+        try:
+            lib.load(cfg.module)
+        except PyKCS11.PyKCS11Error as exc:
+            raise ConfigError(f"pkcs11.module: cannot load {cfg.module}: {ckr_name(exc)}") from None
+        sessions: list[Any] = []
+        try:
+            slot, serial = self._find_slot(lib)
+            first = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION)
+            sessions.append(first)
+            try:
+                first.login(pin)
+            except PyKCS11.PyKCS11Error as exc:
+                if exc.value in PIN_REJECTED:
+                    self._rejected_pin = digest
+                    raise AuthFailed(
+                        f"token {cfg.token_label!r} refused the PIN ({ckr_name(exc)}); not retrying it so the "
+                        "token does not lock. Fix the PIN file or environment"
+                    ) from None
+                if exc.value != PyKCS11.CKR_USER_ALREADY_LOGGED_IN:
+                    raise
+            self._rejected_pin = None
+            # A login is per application, not per session: the other sessions are logged in already.
+            sessions.extend(lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION) for _ in range(cfg.pool_size - 1))
+        except PyKCS11.PyKCS11Error as exc:
+            _unload(lib, None)
+            raise BackendUnavailable(f"token {cfg.token_label!r}: {ckr_name(exc)}") from None
+        except KleidiError:
+            _unload(lib, None)
+            raise
+        log.info("token connected", extra={"token": cfg.token_label, "serial": serial, "sessions": len(sessions)})
+        return _Connection(lib, slot, serial, sessions)
+
+    def _find_slot(self, lib: Any) -> tuple[int, str]:
+        label = self._cfg.token_label
+        seen = []
+        for slot in lib.getSlotList(tokenPresent=True):
+            info = lib.getTokenInfo(slot)
+            name = info.label.strip()
+            if name == label:
+                return slot, str(info.serialNumber).strip()
+            seen.append(name)
+        others = ", ".join(repr(s) for s in seen if s) or "none"
+        raise BackendUnavailable(f"no token labelled {label!r} is present (tokens seen: {others})")
+
+    def _retire_locked(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        conn.dead = True
+        conn.idle.clear()
+        if conn.borrowed:
+            self._dying.append(conn)
+        else:
+            self._unload_locked(conn)
+
+    def _unload_locked(self, conn: _Connection) -> None:
+        if conn in self._dying:
+            self._dying.remove(conn)
+        _unload(conn.lib, conn.slot)
+
+    def close(self) -> None:
+        with self._cond:
+            self._retire_locked()
+
+
+def _unload(lib: Any, slot: int | None) -> None:
+    try:
+        if slot is not None:
+            lib.closeAllSessions(slot)
+    except PyKCS11.PyKCS11Error:
+        pass  # the token is gone; there is nothing left to close
+    try:
+        lib.unload()
+    except PyKCS11.PyKCS11Error:
+        log.debug("module unload failed", exc_info=True)

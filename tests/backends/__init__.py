@@ -1,0 +1,1 @@
+"""Real backends started by the tests: SoftHSM2 tokens, software TPMs, OpenBao servers."""
