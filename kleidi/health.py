@@ -82,6 +82,7 @@ class HealthMonitor:
         previous = self._state
         self._state = state
         self._metrics.set_health(state.ok, state.key_id)
+        log.debug("backend check", extra={"ok": state.ok, "check_ms": round((time.monotonic() - started) * 1000, 2)})
         if state.ok != previous.ok or state.key_id != previous.key_id or state.reason != previous.reason:
             log.log(
                 logging.INFO if state.ok else logging.WARNING,

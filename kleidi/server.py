@@ -17,7 +17,7 @@ import grpc
 from kleidi import __version__, contract, unixsocket
 from kleidi.api import v1beta1_pb2, v1beta1_pb2_grpc, v2_pb2, v2_pb2_grpc
 from kleidi.config import Config
-from kleidi.errors import InvalidInput, KleidiError
+from kleidi.errors import ConfigError, InvalidInput, KleidiError
 from kleidi.health import HealthMonitor
 from kleidi.observability import Metrics, ProbeServer
 from kleidi.providers import build
@@ -178,6 +178,13 @@ class KleidiServer:
         cfg = self.config
         path = cfg.socket_path
         unixsocket.prepare(path)
+        address = cfg.metrics_address
+        if address is not None:
+            try:
+                self._probes = ProbeServer(address[0], address[1], self.metrics, self._probe_health)
+            except OSError as exc:
+                raise ConfigError(f"metrics_listen: cannot listen on {cfg.metrics_listen}: {exc.strerror}") from None
+            self._probes.start()
         self.health.start()
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="kleidi-rpc"),
@@ -203,17 +210,13 @@ class KleidiServer:
             os.umask(old_umask)
         self._inode = unixsocket.secure(path, cfg.socket_mode, cfg.socket_group)
         self._grpc = server
-        address = cfg.metrics_address
-        if address is not None:
-            self._probes = ProbeServer(address[0], address[1], self.metrics, self._probe_health)
-            self._probes.start()
         log.info(
             "serving",
             extra={
                 "socket": path,
                 "provider": self.provider.name,
                 "version": __version__,
-                "metrics": cfg.metrics_listen or "disabled",
+                "metrics": "{}:{}".format(*self._probes.address) if self._probes is not None else "disabled",
             },
         )
 

@@ -208,10 +208,10 @@ class Token:
             # A login is per application, not per session: the other sessions are logged in already.
             sessions.extend(lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION) for _ in range(cfg.pool_size - 1))
         except PyKCS11.PyKCS11Error as exc:
-            _unload(lib, None)
+            _unload(lib)
             raise BackendUnavailable(f"token {cfg.token_label!r}: {ckr_name(exc)}") from None
         except KleidiError:
-            _unload(lib, None)
+            _unload(lib)
             raise
         log.info("token connected", extra={"token": cfg.token_label, "serial": serial, "sessions": len(sessions)})
         return _Connection(lib, slot, serial, sessions)
@@ -242,19 +242,16 @@ class Token:
     def _unload_locked(self, conn: _Connection) -> None:
         if conn in self._dying:
             self._dying.remove(conn)
-        _unload(conn.lib, conn.slot)
+        _unload(conn.lib)
 
     def close(self) -> None:
         with self._cond:
             self._retire_locked()
 
 
-def _unload(lib: Any, slot: int | None) -> None:
-    try:
-        if slot is not None:
-            lib.closeAllSessions(slot)
-    except PyKCS11.PyKCS11Error:
-        pass  # the token is gone; there is nothing left to close
+def _unload(lib: Any) -> None:
+    # C_Finalize inside unload closes every session. No C_CloseAllSessions first: SoftHSM crashes the
+    # process in it when its token store has disappeared, which is exactly when we get here.
     try:
         lib.unload()
     except PyKCS11.PyKCS11Error:

@@ -32,7 +32,9 @@ class SoftHsm:
         self.env = {**os.environ, "SOFTHSM2_CONF": str(self.conf)}
         self.module = SOFTHSM_MODULE
         self._next_id = 1
-        self._run("softhsm2-util", "--init-token", "--free", "--label", label, "--pin", self.pin, "--so-pin", self.so_pin)
+        self._run(
+            "softhsm2-util", "--init-token", "--free", "--label", label, "--pin", self.pin, "--so-pin", self.so_pin
+        )
 
     def _run(self, *argv: str) -> str:
         done = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60)
@@ -45,20 +47,49 @@ class SoftHsm:
         key_id = f"{self._next_id:02x}"
         self._next_id += 1
         self._run(
-            "pkcs11-tool", "--module", self.module, "--token-label", self.label, "--login", "--pin", self.pin,
-            "--keygen", "--key-type", key_type, "--label", label, "--id", key_id,
+            "pkcs11-tool",
+            "--module",
+            self.module,
+            "--token-label",
+            self.label,
+            "--login",
+            "--pin",
+            self.pin,
+            "--keygen",
+            "--key-type",
+            key_type,
+            "--label",
+            label,
+            "--id",
+            key_id,
         )
 
     def delete_key(self, label: str) -> None:
         self._run(
-            "pkcs11-tool", "--module", self.module, "--token-label", self.label, "--login", "--pin", self.pin,
-            "--delete-object", "--type", "secrkey", "--label", label,
+            "pkcs11-tool",
+            "--module",
+            self.module,
+            "--token-label",
+            self.label,
+            "--login",
+            "--pin",
+            self.pin,
+            "--delete-object",
+            "--type",
+            "secrkey",
+            "--label",
+            label,
         )
 
     def config(self, key_label: str, **extra: object) -> dict[str, object]:
         """The pkcs11 section of a kleidi config for this token."""
-        return {"module": self.module, "token_label": self.label, "pin_file": str(self.pin_file),
-                "key_label": key_label, **extra}
+        return {
+            "module": self.module,
+            "token_label": self.label,
+            "pin_file": str(self.pin_file),
+            "key_label": key_label,
+            **extra,
+        }
 
     def take_away(self) -> Path:
         """Make the token vanish as if it were unplugged; returns where it was put."""

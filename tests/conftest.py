@@ -1,0 +1,45 @@
+"""Fixtures shared by every test module: a SoftHSM2 token and a kleidi process serving it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.backends.softhsm import SoftHsm
+from tests.plugin import KleidiProcess
+
+
+def pkcs11_config(hsm: SoftHsm, key_label: str = "kek-1", **pkcs11: object) -> dict[str, object]:
+    return {"provider": "pkcs11", "health_interval": "1s", "pkcs11": hsm.config(key_label, **pkcs11)}
+
+
+@pytest.fixture
+def softhsm(tmp_path: Path) -> SoftHsm:
+    hsm = SoftHsm(tmp_path / "hsm")
+    hsm.keygen("kek-1")
+    return hsm
+
+
+@pytest.fixture
+def plugin(tmp_path: Path, softhsm: SoftHsm) -> Iterator[KleidiProcess]:
+    """A kleidi process on a fresh token, not yet started (tests adjust the config first)."""
+    with KleidiProcess(tmp_path / "kleidi", pkcs11_config(softhsm), env=softhsm.env) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def shared_hsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
+    hsm = SoftHsm(tmp_path_factory.mktemp("hsm"))
+    hsm.keygen("kek-1")
+    return hsm
+
+
+@pytest.fixture(scope="module")
+def serving(tmp_path_factory: pytest.TempPathFactory, shared_hsm: SoftHsm) -> Iterator[KleidiProcess]:
+    """One healthy kleidi process per module, for tests that do not change its state."""
+    with KleidiProcess(tmp_path_factory.mktemp("kleidi"), pkcs11_config(shared_hsm), env=shared_hsm.env) as proc:
+        proc.start()
+        proc.wait_healthy()
+        yield proc
