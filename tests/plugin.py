@@ -63,7 +63,7 @@ class KleidiProcess:
         )
         log.close()
         if wait:
-            wait_for(lambda: self._serving(), 20, f"kleidi to serve on {self.socket}\n{self.log()}")
+            wait_for(self._serving, 20, f"kleidi to serve on {self.socket}\n{self.log()}")
         return self
 
     def _serving(self) -> bool:

@@ -196,7 +196,7 @@ def test_token_disappears_and_comes_back(plugin: KleidiProcess, softhsm: SoftHsm
         seed = os.urandom(32)
         blob = kms.encrypt(seed)
         aside = softhsm.take_away()
-        code, reason = wait_for(lambda: (h := plugin.healthz())[0] == 503 and h, 15, "healthz to turn 503")
+        _, reason = wait_for(lambda: (h := plugin.healthz())[0] == 503 and h, 15, "healthz to turn 503")
         assert "kek-1" in reason or "token" in reason
         assert plugin.http("/livez")[0] == 200
         status = kms.status()
@@ -212,7 +212,7 @@ def test_token_disappears_and_comes_back(plugin: KleidiProcess, softhsm: SoftHsm
 def test_wrong_pin_fails_closed_without_retrying(plugin: KleidiProcess, softhsm: SoftHsm) -> None:
     softhsm.pin_file.write_text("999999\n")
     plugin.start()
-    code, reason = wait_for(lambda: (h := plugin.healthz())[0] == 503 and "PIN" in h[1] and h, 15, "PIN failure")
+    _, reason = wait_for(lambda: (h := plugin.healthz())[0] == 503 and "PIN" in h[1] and h, 15, "PIN failure")
     assert "CKR_PIN_INCORRECT" in reason and "not retrying" in reason
     wait_for(lambda: "refused this PIN before" in plugin.healthz()[1], 15, "the latch to hold")
     with plugin.client() as kms:
@@ -282,7 +282,8 @@ def test_socket_safety(plugin: KleidiProcess, tmp_path: object) -> None:
     plugin.start(wait=False)
     assert plugin.wait_exit() != 0
     assert "is not a socket" in plugin.log()
-    assert open(plugin.socket).read() == "precious"
+    with open(plugin.socket) as f:
+        assert f.read() == "precious"
     os.unlink(plugin.socket)
     # a symlink is refused and left alone
     target = os.path.join(run, "elsewhere")
