@@ -1,0 +1,215 @@
+"""Vault / OpenBao transit: data keys wrapped by a named transit key, key versions as KEK rotations."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from kleidi.config import VaultConfig
+from kleidi.errors import (
+    AuthFailed,
+    BackendUnavailable,
+    ConfigError,
+    IntegrityError,
+    InvalidInput,
+    KeyNotFound,
+    KleidiError,
+)
+from kleidi.observability import Metrics
+from kleidi.providers.base import Wrapped
+from kleidi.providers.vault_auth import VaultAuth
+from kleidi.providers.vault_http import Reply, VaultHttp
+
+log = logging.getLogger("kleidi.vault")
+
+# A transit ciphertext: "vault:v<version>:<base64>". The version says which key version made it.
+_CIPHERTEXT = re.compile(r"vault:v([1-9][0-9]{0,9}):[A-Za-z0-9+/]+={0,2}")
+_HEALTH_UID = "kleidi-health-check"
+
+
+class VaultProvider:
+    """KEKs are the versions of one transit key; the ciphertext is transit's own ``vault:vN:...`` string.
+
+    key_id is ``vault:<hash of address, namespace, mount and key name>:v<latest version>``. ``check`` reads the
+    key's latest version, so a rotation in Vault shows in Status within one health interval; Encrypt asks transit
+    for exactly that version, so its key_id always agrees with Status. Decrypt takes the version from the
+    ciphertext, so data written under any version Vault still allows decrypts."""
+
+    name = "vault"
+
+    def __init__(self, config: VaultConfig, metrics: Metrics) -> None:
+        self._config = config
+        self._http = VaultHttp(config, metrics)
+        self._auth = VaultAuth(config, self._http, metrics)
+        self._metrics = metrics
+        mount = config.transit_mount.strip("/")
+        key = config.key_name
+        self._describe = f"transit key {key} at {mount}/"
+        self._read_path = f"{mount}/keys/{key}"
+        self._encrypt_path = f"{mount}/encrypt/{key}"
+        self._decrypt_path = f"{mount}/decrypt/{key}"
+        identity = "|".join((self._http.address, config.namespace.strip("/"), mount, key))
+        self._key_prefix = "vault:" + hashlib.sha256(identity.encode()).hexdigest()[:16] + ":v"
+        self._version = 0
+        self._key_id = ""
+        self._key_lock = threading.Lock()
+        self._seconds = {op: metrics.backend_seconds.labels(self.name, op) for op in ("encrypt", "decrypt", "check")}
+        self._auth.start()
+
+    # --- Provider --------------------------------------------------------------------------------------------
+
+    def key_id(self) -> str:
+        return self._key_id
+
+    def key_id_for(self, version: int) -> str:
+        """The key_id of one version of the configured transit key."""
+        return f"{self._key_prefix}{version}"
+
+    def encrypt(self, plaintext: bytes, uid: str, deadline: float | None = None) -> Wrapped:
+        started = time.perf_counter()
+        try:
+            return self._encrypt(plaintext, self._deadline(deadline))
+        except KleidiError as exc:
+            self._metrics.backend_errors.labels(self.name, "encrypt", exc.kind).inc()
+            raise
+        finally:
+            self._seconds["encrypt"].observe(time.perf_counter() - started)
+
+    def decrypt(
+        self,
+        ciphertext: bytes,
+        key_id: str,
+        annotations: Mapping[str, bytes],
+        uid: str,
+        deadline: float | None = None,
+    ) -> bytes:
+        started = time.perf_counter()
+        try:
+            return self._decrypt(ciphertext, self._deadline(deadline))
+        except KleidiError as exc:
+            self._metrics.backend_errors.labels(self.name, "decrypt", exc.kind).inc()
+            raise
+        finally:
+            self._seconds["decrypt"].observe(time.perf_counter() - started)
+
+    def check(self) -> None:
+        """Encrypt and decrypt a random 32-byte probe, then read the key's latest version.
+
+        The version is read last, so Status (which the health loop builds right after this returns) and the
+        next Encrypt switch to a rotated version together."""
+        started = time.perf_counter()
+        deadline = time.monotonic() + self._config.timeout
+        try:
+            if not self._version:
+                self._refresh_key(deadline)
+            probe = os.urandom(32)
+            wrapped = self._encrypt(probe, deadline)
+            if not hmac.compare_digest(self._decrypt(wrapped.ciphertext, deadline), probe):
+                raise KleidiError(f"Vault round trip through {self._describe} returned a different plaintext")
+            self._refresh_key(deadline)
+            left = self._auth.ttl_left()
+            if left is not None and left != float("inf"):
+                self._metrics.vault_token_ttl.set(left)
+        except KleidiError as exc:
+            self._metrics.backend_errors.labels(self.name, "check", exc.kind).inc()
+            raise
+        finally:
+            self._seconds["check"].observe(time.perf_counter() - started)
+
+    def close(self) -> None:
+        self._auth.close()
+        self._http.close()
+
+    # --- transit ---------------------------------------------------------------------------------------------
+
+    def _deadline(self, deadline: float | None) -> float:
+        return deadline if deadline is not None else time.monotonic() + self._config.timeout
+
+    def _call(self, method: str, path: str, operation: str, payload: dict[str, Any] | None, deadline: float) -> Reply:
+        return self._http.call(method, path, operation, payload, deadline, auth=self._auth)
+
+    def _encrypt(self, plaintext: bytes, deadline: float) -> Wrapped:
+        version = self._version or self._refresh_key(deadline)
+        payload = {"plaintext": base64.b64encode(plaintext).decode(), "key_version": version}
+        reply = self._call("post", self._encrypt_path, "encrypt", payload, deadline)
+        if reply.status == 400 and "version" in " ".join(reply.errors):
+            # The version Status reports can no longer encrypt (min_encryption_version raised, key replaced):
+            # learn the current one and use it; the health loop will show it in Status.
+            log.warning("transit refused the key version; re-reading the key", extra={"version": version})
+            payload["key_version"] = self._refresh_key(deadline)
+            reply = self._call("post", self._encrypt_path, "encrypt", payload, deadline)
+        if reply.status != 200:
+            raise self._error(reply, "encrypt")
+        ciphertext = reply.data().get("ciphertext")
+        match = _CIPHERTEXT.fullmatch(ciphertext) if isinstance(ciphertext, str) else None
+        if match is None or not isinstance(ciphertext, str):
+            raise BackendUnavailable(f"{self._describe}: encrypt answered without a transit ciphertext")
+        return Wrapped(ciphertext.encode("ascii"), self.key_id_for(int(match.group(1))))
+
+    def _decrypt(self, ciphertext: bytes, deadline: float) -> bytes:
+        try:
+            text = ciphertext.decode("ascii")
+        except UnicodeDecodeError:
+            raise InvalidInput("ciphertext is not a Vault transit ciphertext (vault:v<N>:<base64>)") from None
+        if _CIPHERTEXT.fullmatch(text) is None:
+            raise InvalidInput("ciphertext is not a Vault transit ciphertext (vault:v<N>:<base64>)")
+        reply = self._call("post", self._decrypt_path, "decrypt", {"ciphertext": text}, deadline)
+        if reply.status != 200:
+            raise self._error(reply, "decrypt")
+        encoded = reply.data().get("plaintext")
+        if not isinstance(encoded, str):
+            raise BackendUnavailable(f"{self._describe}: decrypt answered without a plaintext")
+        try:
+            return base64.b64decode(encoded, validate=True)
+        except binascii.Error:
+            raise BackendUnavailable(f"{self._describe}: decrypt answered with a malformed plaintext") from None
+
+    def _refresh_key(self, deadline: float) -> int:
+        """Read the transit key; remember (and return) its latest version and the matching key_id."""
+        reply = self._call("get", self._read_path, "read_key", None, deadline)
+        if reply.status != 200:
+            raise self._error(reply, "read_key")
+        data = reply.data()
+        if data.get("derived"):
+            raise ConfigError(f"{self._describe} is a derived key; kleidi needs a key created without derivation")
+        if data.get("supports_encryption") is False or data.get("supports_decryption") is False:
+            raise ConfigError(f"{self._describe} (type {data.get('type')}) cannot encrypt and decrypt")
+        latest = data.get("latest_version")
+        if not isinstance(latest, int) or latest < 1:
+            raise BackendUnavailable(f"{self._describe}: key read answered without a latest_version")
+        with self._key_lock:
+            if latest != self._version:
+                if self._version:
+                    log.info("transit key rotated", extra={"from_version": self._version, "to_version": latest})
+                self._version = latest
+                self._key_id = self.key_id_for(latest)
+        return latest
+
+    def _error(self, reply: Reply, operation: str) -> KleidiError:
+        """The KleidiError for a final, non-200 transit answer."""
+        reason = self._http.reason(reply)
+        text = reason.lower()
+        if reply.status in (401, 403):
+            return AuthFailed(f"Vault refused {operation} on {self._describe}: {reason} (check the token's policy)")
+        if reply.status == 404:
+            return KeyNotFound(f"{self._describe} not found (is the transit engine mounted and the key created?)")
+        if reply.status == 400 and operation == "decrypt":
+            if "authentication failed" in text:
+                return IntegrityError("ciphertext failed authentication: tampered, or made by another key")
+            if "too new" in text or "too old" in text or "disallowed" in text or "not available" in text:
+                return KeyNotFound(f"{self._describe} cannot decrypt this ciphertext's key version: {reason}")
+            return InvalidInput(f"Vault rejected the ciphertext: {reason}")
+        if reply.status == 400:
+            return InvalidInput(f"Vault rejected {operation} on {self._describe}: {reason}")
+        if reply.status in (429,) or reply.status >= 500:
+            return BackendUnavailable(self._http.transient_reason(reply))
+        return BackendUnavailable(f"Vault answered {operation} on {self._describe} with HTTP {reply.status}: {reason}")
