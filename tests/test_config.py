@@ -1,0 +1,124 @@
+"""The configuration file is the user-facing contract: every error names the field in one line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from kleidi.config import load, parse_duration
+from kleidi.errors import ConfigError
+
+MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+
+
+def _write(tmp_path: Path, data: dict[str, object]) -> Path:
+    path = tmp_path / "kleidi.yaml"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _base() -> dict[str, object]:
+    return {
+        "provider": "pkcs11",
+        "pkcs11": {"module": MODULE, "token_label": "kleidi", "pin_env": "KLEIDI_PIN", "key_label": "kek-1"},
+    }
+
+
+def test_the_documented_example_loads_with_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "kleidi.yaml"
+    path.write_text(
+        "listen: unix:///run/kleidi/kleidi.sock\nprovider: pkcs11\nhealth_interval: 30s\n"
+        "metrics_listen: 127.0.0.1:8095\nlog_level: info\npkcs11:\n"
+        f"  module: {MODULE}\n  token_label: kleidi\n  pin_file: /etc/kleidi/pin\n"
+        "  key_label: kleidi-kek-1\n  mechanism: aes-gcm\n"
+    )
+    cfg = load(path)
+    assert cfg.socket_path == "/run/kleidi/kleidi.sock"
+    assert cfg.health_interval == 30.0 and cfg.socket_mode == 0o600 and cfg.metrics_address == ("127.0.0.1", 8095)
+    assert cfg.pkcs11 is not None and cfg.pkcs11.pool_size == 4
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"listn": "x"}, "config: listn: unknown key"),
+        ({"provider": "remote"}, "provider remote is not available"),
+        ({"provider": "hsm"}, "config: provider:"),
+        ({"listen": "tcp://1.2.3.4:5"}, "listen must be unix:///absolute/path"),
+        ({"listen": "unix:///@abstract"}, "abstract sockets"),
+        ({"health_interval": "-3s"}, "config: health_interval:"),
+        ({"socket_mode": "0666"}, "config: socket_mode:"),
+        ({"metrics_listen": "nope"}, "metrics_listen must be host:port"),
+        ({"pkcs11": {"token_label": "kleidi", "pin_env": "P", "key_label": "k", "module": "/nope.so"}}, "/nope.so"),
+        ({"pkcs11": {"module": MODULE, "pin_env": "P", "key_label": "k"}}, "pkcs11.token_label: required but missing"),
+        (
+            {"pkcs11": {"module": MODULE, "token_label": "t", "pin_env": "P", "pin_file": "/f", "key_label": "k"}},
+            "pin",
+        ),
+        (
+            {
+                "pkcs11": {
+                    "module": MODULE,
+                    "token_label": "t",
+                    "pin_env": "P",
+                    "key_label": "k",
+                    "mechanism": "aes-cbc-hmac",
+                }
+            },
+            "hmac_key_label is required",
+        ),
+        ({"provider": "vault"}, "the vault section is missing"),
+    ],
+)
+def test_errors_name_the_field(tmp_path: Path, change: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(_write(tmp_path, {**_base(), **change}))
+    text = str(info.value)
+    assert message in text and "\n" not in text
+
+
+def test_errors_never_echo_values(tmp_path: Path) -> None:
+    data = _base()
+    data["pkcs11"] = {**data["pkcs11"], "pin_file": "s3cr3t-pin-value"}  # type: ignore[dict-item]
+    with pytest.raises(ConfigError) as info:
+        load(_write(tmp_path, data))
+    assert "s3cr3t" not in str(info.value)
+
+
+def test_overrides_beat_env_beat_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(tmp_path, {**_base(), "log_level": "warning"})
+    monkeypatch.setenv("KLEIDI_LOG_LEVEL", "error")
+    assert load(path).log_level == "error"
+    assert load(path, {"log_level": "debug", "listen": "unix:///tmp/x.sock"}).log_level == "debug"
+
+
+def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("provider: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML or JSON at line"):
+        load(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"), [("30s", 30.0), ("250ms", 0.25), ("2m", 120.0), (5, 5.0), ("1.5h", 5400.0)]
+)
+def test_durations(text: object, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+def test_pin_comes_from_file_or_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pin = tmp_path / "pin"
+    pin.write_text("123456\n")
+    data = _base()
+    data["pkcs11"] = {**data["pkcs11"], "pin_env": None, "pin_file": str(pin)}  # type: ignore[dict-item]
+    cfg = load(_write(tmp_path, data))
+    assert cfg.pkcs11 is not None and cfg.pkcs11.pin() == "123456"
+    monkeypatch.delenv("KLEIDI_PIN", raising=False)
+    env_cfg = load(_write(tmp_path, _base()))
+    assert env_cfg.pkcs11 is not None
+    with pytest.raises(ConfigError, match="KLEIDI_PIN is not set"):
+        env_cfg.pkcs11.pin()

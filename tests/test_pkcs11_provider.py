@@ -1,0 +1,151 @@
+"""The PKCS#11 provider in-process on a real SoftHSM2 token: both mechanisms, the session pool, faults."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kleidi.config import Pkcs11Config
+from kleidi.errors import BackendUnavailable, IntegrityError, InvalidInput, KeyNotFound
+from kleidi.observability import Metrics
+from kleidi.providers.pkcs11 import Pkcs11Provider
+from kleidi.providers.pkcs11_blob import parse
+from tests.backends.softhsm import SoftHsm
+
+
+@pytest.fixture
+def hsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SoftHsm:
+    token = SoftHsm(tmp_path)
+    token.keygen("kek-1")
+    token.keygen("mac-1", "GENERIC:32")
+    monkeypatch.setenv("SOFTHSM2_CONF", str(token.conf))
+    return token
+
+
+def _provider(hsm: SoftHsm, **settings: object) -> Pkcs11Provider:
+    cfg = Pkcs11Config.model_validate(hsm.config(str(settings.pop("key_label", "kek-1")), **settings))
+    return Pkcs11Provider(cfg, Metrics())
+
+
+@pytest.fixture
+def gcm(hsm: SoftHsm) -> Iterator[Pkcs11Provider]:
+    provider = _provider(hsm)
+    provider.check()
+    yield provider
+    provider.close()
+
+
+@pytest.fixture
+def cbc(hsm: SoftHsm) -> Iterator[Pkcs11Provider]:
+    provider = _provider(hsm, mechanism="aes-cbc-hmac", hmac_key_label="mac-1")
+    provider.check()
+    yield provider
+    provider.close()
+
+
+def test_cbc_hmac_round_trip_and_format(cbc: Pkcs11Provider) -> None:
+    seed = os.urandom(32)
+    wrapped = cbc.encrypt(seed, "u")
+    assert wrapped.key_id == cbc.key_id() and wrapped.key_id.startswith("pkcs11:aes-cbc-hmac:kek-1+mac-1:")
+    blob = parse(wrapped.ciphertext)
+    assert blob.ref.labels == ("kek-1", "mac-1") and len(blob.iv) == 16 and len(blob.mac) == 32
+    assert len(blob.ciphertext) == 48  # 32 bytes plus a whole block of PKCS#7 padding
+    assert cbc.decrypt(wrapped.ciphertext, wrapped.key_id, {}, "u") == seed
+
+
+def test_cbc_hmac_any_flipped_byte_is_rejected(cbc: Pkcs11Provider) -> None:
+    seed = os.urandom(32)
+    blob = cbc.encrypt(seed, "u").ciphertext
+    for index in range(len(blob)):
+        tampered = bytearray(blob)
+        tampered[index] ^= 0x80
+        with pytest.raises((IntegrityError, InvalidInput, KeyNotFound)):
+            cbc.decrypt(bytes(tampered), "", {}, "u")
+    assert cbc.decrypt(blob, "", {}, "u") == seed
+
+
+def test_gcm_any_flipped_byte_is_rejected(gcm: Pkcs11Provider) -> None:
+    seed = os.urandom(32)
+    blob = gcm.encrypt(seed, "u").ciphertext
+    for index in range(len(blob)):
+        tampered = bytearray(blob)
+        tampered[index] ^= 0x01
+        with pytest.raises((IntegrityError, InvalidInput, KeyNotFound)):
+            gcm.decrypt(bytes(tampered), "", {}, "u")
+
+
+def test_switching_mechanism_keeps_old_data_readable(hsm: SoftHsm, gcm: Pkcs11Provider, cbc: Pkcs11Provider) -> None:
+    seed_gcm, seed_cbc = os.urandom(32), os.urandom(32)
+    from_gcm = gcm.encrypt(seed_gcm, "u")
+    from_cbc = cbc.encrypt(seed_cbc, "u")
+    assert from_gcm.key_id != from_cbc.key_id
+    # each deployment reads what the other wrote: the blob names its mechanism and keys
+    assert cbc.decrypt(from_gcm.ciphertext, from_gcm.key_id, {}, "u") == seed_gcm
+    assert gcm.decrypt(from_cbc.ciphertext, from_cbc.key_id, {}, "u") == seed_cbc
+
+
+def test_rotating_the_hmac_key_changes_key_id_and_keeps_old_data(hsm: SoftHsm, cbc: Pkcs11Provider) -> None:
+    seed = os.urandom(32)
+    old = cbc.encrypt(seed, "u")
+    hsm.keygen("mac-2", "GENERIC:32")
+    rotated = _provider(hsm, mechanism="aes-cbc-hmac", hmac_key_label="mac-2")
+    rotated.check()
+    assert rotated.key_id() != old.key_id and "+mac-2:" in rotated.key_id()
+    assert rotated.decrypt(old.ciphertext, old.key_id, {}, "u") == seed
+    rotated.close()
+
+
+def test_invalidated_session_is_replaced_without_restart(gcm: Pkcs11Provider, caplog: pytest.LogCaptureFixture) -> None:
+    seed = os.urandom(32)
+    blob = gcm.encrypt(seed, "u")
+    # Close every pooled session behind the pool's back: the token now answers CKR_SESSION_HANDLE_INVALID.
+    with gcm._token.session(None) as sess:
+        sess.raw.lib.C_CloseAllSessions(sess.conn.slot)
+    assert gcm.decrypt(blob.ciphertext, blob.key_id, {}, "u") == seed
+    assert [r.ckr for r in caplog.records if r.msg.startswith("token connection lost")] == [
+        "CKR_SESSION_HANDLE_INVALID"
+    ]
+    assert gcm.encrypt(seed, "u").key_id == blob.key_id
+    gcm.check()
+
+
+def test_pool_serves_parallel_callers(hsm: SoftHsm) -> None:
+    provider = _provider(hsm, pool_size=3)
+    provider.check()
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for _ in range(200):
+                seed = os.urandom(32)
+                assert provider.decrypt(provider.encrypt(seed, "u").ciphertext, "", {}, "u") == seed
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    provider.close()
+    assert errors == []
+
+
+def test_exhausted_pool_fails_unavailable_within_the_deadline(hsm: SoftHsm) -> None:
+    provider = _provider(hsm, pool_size=1, session_timeout="200ms")
+    provider.check()
+    with provider._token.session(None), pytest.raises(BackendUnavailable, match="no free PKCS#11 session"):
+        provider.encrypt(b"k" * 32, "u")
+    provider.close()
+
+
+def test_duplicate_current_label_is_a_clear_error(hsm: SoftHsm) -> None:
+    hsm.keygen("kek-1")
+    provider = _provider(hsm)
+    with pytest.raises(Exception, match="2 secret keys carry the label 'kek-1'"):
+        provider.check()
+    provider.close()
