@@ -1,7 +1,7 @@
 """KEKs on a PKCS#11 token (SoftHSM2, a hardware HSM, a TPM2 through tpm2-pkcs11).
 
 aes-gcm wraps with CKM_AES_GCM (random 96-bit IV, 128-bit tag, the blob header as associated data).
-aes-cbc-hmac is for tokens without GCM, such as a TPM: CKM_AES_CBC_PAD with a random IV, then
+aes-cbc-hmac is for tokens without GCM, such as a TPM: AES-CBC with a random IV, then
 CKM_SHA256_HMAC over header, IV and ciphertext, verified before anything is decrypted.
 Both run on the token; kleidi never sees key material. See pkcs11_blob for the format."""
 
@@ -75,6 +75,30 @@ def _kcv(raw: Any, mechanism: Mechanism, aes: Any, mac: Any) -> bytes:
     return hashlib.sha256(b"kleidi-kcv-v1" + check).digest()[:FINGERPRINT_BYTES]
 
 
+def _pad(data: bytes) -> bytes:
+    size = AES_BLOCK - len(data) % AES_BLOCK
+    return data + bytes((size,)) * size
+
+
+def _unpad(data: bytes) -> bytes:
+    # Reached only after the MAC verified, so a bad pad is corruption on the token side, not an oracle.
+    size = data[-1] if data else 0
+    if not 0 < size <= AES_BLOCK or data[-size:] != bytes((size,)) * size:
+        raise IntegrityError("ciphertext failed authentication: bad padding after a valid MAC")
+    return data[:-size]
+
+
+def _cbc(sess: Session, key: Any, data: bytes, iv: bytes, *, encrypt: bool) -> bytes:
+    """Raw CKM_AES_CBC on whole blocks, padding done here: tpm2-pkcs11's CKM_AES_CBC_PAD returns wrong
+    results, and its CKM_AES_CBC answers unaligned input with an empty output and CKR_OK. The bytes
+    are the same as CKM_AES_CBC_PAD's."""
+    mech = PyKCS11.Mechanism(PyKCS11.CKM_AES_CBC, iv)
+    out = bytes(sess.raw.encrypt(key, data, mech) if encrypt else sess.raw.decrypt(key, data, mech))
+    if len(out) != len(data):
+        raise BackendUnavailable(f"token returned {len(out)} bytes for a {len(data)}-byte AES-CBC operation")
+    return out
+
+
 def _find(raw: Any, label: str) -> list[Any]:
     return list(raw.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_LABEL, label)]))
 
@@ -111,7 +135,7 @@ class Pkcs11Provider:
                 body = bytes(sess.raw.encrypt(kek.aes, plaintext, mech))
                 return Wrapped(kek.header + iv + body, kek.key_id)
             iv = os.urandom(CBC_IV_BYTES)
-            body = bytes(sess.raw.encrypt(kek.aes, plaintext, PyKCS11.Mechanism(PyKCS11.CKM_AES_CBC_PAD, iv)))
+            body = _cbc(sess, kek.aes, _pad(plaintext), iv, encrypt=True)
             signed = kek.header + iv + body
             return Wrapped(signed + bytes(sess.raw.sign(kek.mac, signed, _HMAC)), kek.key_id)
 
@@ -255,8 +279,7 @@ class Pkcs11Provider:
             expected = bytes(sess.raw.sign(kek.mac, blob.header + blob.iv + blob.ciphertext, _HMAC))
             if not hmac.compare_digest(expected, blob.mac):
                 raise IntegrityError("ciphertext failed authentication (MAC mismatch): tampered or corrupted")
-            cbc = PyKCS11.Mechanism(PyKCS11.CKM_AES_CBC_PAD, blob.iv)
-            return bytes(sess.raw.decrypt(kek.aes, blob.ciphertext, cbc))
+            return _unpad(_cbc(sess, kek.aes, blob.ciphertext, blob.iv, encrypt=False))
         except PyKCS11.PyKCS11Error as exc:
             # SoftHSM answers a GCM tag mismatch with CKR_GENERAL_ERROR, others with ENCRYPTED_DATA_INVALID.
             if exc.value in (

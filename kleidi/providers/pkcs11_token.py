@@ -6,8 +6,10 @@ new one on the next use: unload the module, load it again, find the token by lab
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -107,16 +109,20 @@ class Token:
 
         A PKCS#11 error inside the block that means the token or session is gone throws the connection away."""
         sess = self._checkout(deadline)
-        lost = False
+        lost = dirty = False
         try:
             yield sess
         except PyKCS11.PyKCS11Error as exc:
             lost = exc.value in LOST
             if lost:
                 log.warning("token connection lost; reconnecting on next use", extra={"ckr": ckr_name(exc)})
+            dirty = True
+            raise
+        except BaseException:
+            dirty = True
             raise
         finally:
-            self._checkin(sess, lost)
+            self._checkin(sess, lost, dirty)
 
     def _checkout(self, deadline: float | None) -> Session:
         wait = self._cfg.session_timeout
@@ -139,8 +145,19 @@ class Token:
                         "the token is overloaded or a call hangs"
                     )
 
-    def _checkin(self, sess: Session, lost: bool) -> None:
+    def _checkin(self, sess: Session, lost: bool, dirty: bool) -> None:
         conn = sess.conn
+        if dirty and not lost and not conn.dead:
+            # Some tokens (tpm2-pkcs11) leave a failed operation active on the session, so every later call
+            # on it fails with CKR_OPERATION_ACTIVE. A session that saw an error is replaced, not reused.
+            try:
+                fresh = conn.lib.openSession(conn.slot, PyKCS11.CKF_SERIAL_SESSION)
+                with contextlib.suppress(PyKCS11.PyKCS11Error):
+                    sess.raw.closeSession()
+                sess.raw = fresh
+            except PyKCS11.PyKCS11Error as exc:
+                log.warning("cannot replace a failed session; reconnecting", extra={"ckr": ckr_name(exc)})
+                lost = True
         with self._cond:
             conn.borrowed -= 1
             if lost and conn is self._conn:
@@ -187,7 +204,12 @@ class Token:
         try:
             lib.load(cfg.module)
         except PyKCS11.PyKCS11Error as exc:
-            raise ConfigError(f"pkcs11.module: cannot load {cfg.module}: {ckr_name(exc)}") from None
+            if exc.value == -1 or not os.path.isfile(cfg.module):  # dlopen failed: not a PKCS#11 module
+                raise ConfigError(f"pkcs11.module: cannot load {cfg.module}") from None
+            # C_Initialize failed: tpm2-pkcs11 does that while its resource manager is unreachable.
+            raise BackendUnavailable(
+                f"token unavailable: {cfg.module} failed to initialise ({ckr_name(exc)})"
+            ) from None
         sessions: list[Any] = []
         try:
             slot, serial = self._find_slot(lib)
