@@ -38,8 +38,10 @@ def shared_hsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
 
 @pytest.fixture(scope="module")
 def serving(tmp_path_factory: pytest.TempPathFactory, shared_hsm: SoftHsm) -> Iterator[KleidiProcess]:
-    """One healthy kleidi process per module, for tests that do not change its state."""
-    with KleidiProcess(tmp_path_factory.mktemp("kleidi"), pkcs11_config(shared_hsm), env=shared_hsm.env) as proc:
+    """One healthy kleidi process per module, for tests that do not change its state. It logs at debug,
+    so the tests that look for secrets in the log see every line kleidi can write."""
+    config = {**pkcs11_config(shared_hsm), "log_level": "debug"}
+    with KleidiProcess(tmp_path_factory.mktemp("kleidi"), config, env=shared_hsm.env) as proc:
         proc.start()
         proc.wait_healthy()
         yield proc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -13,9 +14,17 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from kleidi.client import KmsClient
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def wait_for(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -39,7 +48,7 @@ class KleidiProcess:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(workdir / "run" / "kleidi.sock")
-        self.config = {"listen": f"unix://{self.socket}", "metrics_listen": "127.0.0.1:0", **config}
+        self.config = {"listen": f"unix://{self.socket}", "metrics_listen": f"127.0.0.1:{free_port()}", **config}
         self.config_file = workdir / "kleidi.yaml"
         self.log_file = workdir / "kleidi.log"
         self.env = {**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
@@ -69,9 +78,14 @@ class KleidiProcess:
     def _serving(self) -> bool:
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"kleidi exited with {self.proc.returncode}:\n{self.log()}")
-        if not any(r.get("msg") == "serving" for r in self.log_records()):
+        if not os.path.exists(self.socket):
             return False
-        return os.path.exists(self.socket)
+        try:
+            with self.client(timeout=1.0) as kms:
+                kms.status()
+        except grpc.RpcError:
+            return False
+        return True
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         if self.proc is None:
@@ -104,10 +118,8 @@ class KleidiProcess:
         return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
     def probe_port(self) -> int | None:
-        for record in self.log_records():
-            if record.get("msg") == "serving" and record.get("metrics"):
-                return int(str(record["metrics"]).rsplit(":", 1)[1])
-        return None
+        listen = str(self.config.get("metrics_listen") or "")
+        return int(listen.rsplit(":", 1)[1]) if listen else None
 
     def http(self, path: str) -> tuple[int, str]:
         port = self.probe_port()

@@ -1,0 +1,73 @@
+"""What every benchmark shares: timing of concurrent callers and the table it prints."""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Result:
+    ops_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+
+def measure(make_call: Callable[[int], Callable[[], object]], clients: int, calls_per_client: int) -> Result:
+    """Run ``calls_per_client`` calls on each of ``clients`` threads; ``make_call(i)`` gives thread i its call
+    (so each thread can hold its own channel or session)."""
+    calls = [make_call(i) for i in range(clients)]
+    for call in calls:  # warm up connections and caches outside the measurement
+        for _ in range(20):
+            call()
+    latencies: list[list[float]] = [[] for _ in range(clients)]
+    start = threading.Barrier(clients + 1)
+
+    def run(i: int) -> None:
+        call, out = calls[i], latencies[i]
+        start.wait()
+        for _ in range(calls_per_client):
+            t0 = time.perf_counter()
+            call()
+            out.append(time.perf_counter() - t0)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    start.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - began
+    flat = sorted(x for per in latencies for x in per)
+    return Result(
+        ops_per_s=len(flat) / elapsed,
+        p50_ms=statistics.median(flat) * 1000,
+        p99_ms=flat[min(len(flat) - 1, int(len(flat) * 0.99))] * 1000,
+    )
+
+
+HEADER = f"{'operation':<26}{'clients':>8}{'ops/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'raw ops/s':>11}{'raw p50':>9}" + (
+    f"{'p50 over raw':>14}{'ops ratio':>11}"
+)
+
+
+def row(name: str, clients: int, plugin: Result, raw: Result | None) -> str:
+    line = f"{name:<26}{clients:>8}{plugin.ops_per_s:>10.0f}{plugin.p50_ms:>9.3f}{plugin.p99_ms:>9.3f}"
+    if raw is None:
+        return line
+    return line + (
+        f"{raw.ops_per_s:>11.0f}{raw.p50_ms:>9.3f}{plugin.p50_ms - raw.p50_ms:>+12.3f}ms"
+        f"{plugin.ops_per_s / raw.ops_per_s:>10.2f}x"
+    )
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")

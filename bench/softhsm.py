@@ -1,0 +1,90 @@
+"""kleidi over its socket vs raw PyKCS11 on the same SoftHSM2 token, in one run."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import PyKCS11
+
+from bench.common import HEADER, Result, measure, row, rss_mib
+from kleidi.client import KmsClient
+from tests.backends.softhsm import SoftHsm
+from tests.plugin import KleidiProcess, wait_for
+
+CALLS = 2000
+
+
+def _raw_calls(hsm: SoftHsm, clients: int) -> tuple[dict[str, Result], list[object]]:
+    os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
+    lib = PyKCS11.PyKCS11Lib().load(hsm.module)
+    slot = next(s for s in lib.getSlotList(tokenPresent=True) if lib.getTokenInfo(s).label.strip() == hsm.label)
+    sessions = [lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION) for _ in range(clients)]
+    sessions[0].login(hsm.pin)
+    key = sessions[0].findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_LABEL, "kek-1")])[0]
+    seed, aad = os.urandom(32), b"k" * 20
+    iv = os.urandom(12)
+    blob = bytes(sessions[0].encrypt(key, seed, PyKCS11.AES_GCM_Mechanism(iv, aad, 128)))
+
+    def enc(i: int):  # type: ignore[no-untyped-def]
+        return lambda: sessions[i].encrypt(key, seed, PyKCS11.AES_GCM_Mechanism(os.urandom(12), aad, 128))
+
+    def dec(i: int):  # type: ignore[no-untyped-def]
+        return lambda: sessions[i].decrypt(key, blob, PyKCS11.AES_GCM_Mechanism(iv, aad, 128))
+
+    results = {"encrypt": measure(enc, clients, CALLS), "decrypt": measure(dec, clients, CALLS)}
+    return results, [lib, sessions]
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="kleidi-bench-") as tmp:
+        root = Path(tmp)
+        hsm = SoftHsm(root / "hsm")
+        hsm.keygen("kek-1")
+        config = {"provider": "pkcs11", "pkcs11": hsm.config("kek-1", pool_size=8)}
+        plugin = KleidiProcess(root / "kleidi", config, env=hsm.env)
+        started = time.perf_counter()
+        plugin.start(wait=False)
+        first_status = wait_for(lambda: _status_time(plugin, started), 30, "first Status", interval=0.005)
+        try:
+            plugin.wait_healthy()
+            print("\nkleidi pkcs11 (SoftHSM2, aes-gcm), 32-byte data keys, through the unix socket")
+            print(HEADER)
+            seed = os.urandom(32)
+            clients = [plugin.client() for _ in range(8)]
+            blob = clients[0].encrypt(seed)
+            status = measure(lambda i: clients[i].status, 1, CALLS)
+            print(row("Status", 1, status, None))
+            for n in (1, 8):
+                raw, keep = _raw_calls(hsm, n)
+                enc = measure(lambda i: lambda: clients[i].encrypt(seed), n, CALLS)
+                dec = measure(lambda i: lambda: clients[i].decrypt(blob.ciphertext, blob.key_id), n, CALLS)
+                print(row("Encrypt", n, enc, raw["encrypt"]))
+                print(row("Decrypt", n, dec, raw["decrypt"]))
+                del keep
+            for _ in range(10_000 - 4 * CALLS * 9):
+                clients[0].encrypt(seed)
+            assert plugin.proc is not None
+            print(f"plugin RSS after >10k requests: {rss_mib(plugin.proc.pid):.1f} MiB")
+            print(f"time from start to first served Status: {first_status * 1000:.0f} ms")
+            for client in clients:
+                client.close()
+        finally:
+            plugin.stop()
+
+
+def _status_time(plugin: KleidiProcess, started: float) -> float | None:
+    if not os.path.exists(plugin.socket):
+        return None
+    try:
+        with KmsClient(plugin.socket, timeout=0.5) as kms:
+            kms.status()
+    except Exception:
+        return None
+    return time.perf_counter() - started
+
+
+if __name__ == "__main__":
+    main()
