@@ -309,3 +309,45 @@ def test_no_secret_in_logs_or_command_lines(healthy: KleidiProcess, tpm: Softwar
     assert seed not in raw and seed.hex().encode() not in raw
     for log in tpm.log_dir.iterdir():
         assert tpm.pin.encode() not in log.read_bytes()
+
+
+def test_two_nodes_with_the_same_imported_keys_share_key_id_and_data(
+    healthy: KleidiProcess, tpm: SoftwareTPM, tmp_path: Path
+) -> None:
+    """The multi-node pattern of docs/tpm.md: the same key material imported into every node's TPM."""
+    aes_material, mac_material = os.urandom(32), os.urandom(32)
+    tpm.import_aes_key("kleidi-shared-kek-1", aes_material)
+    tpm.import_hmac_key("kleidi-shared-mac-1", mac_material)
+    shared = {"key_label": "kleidi-shared-kek-1", "hmac_key_label": "kleidi-shared-mac-1"}
+    previous = dict(healthy.config["pkcs11"])
+    try:
+        _switch_keys(healthy, tpm, **shared)
+        with SoftwareTPM(token_label="kleidi-tpm", aes_key_label="node-b-kek", hmac_key_label="node-b-mac") as node_b:
+            node_b.import_aes_key("kleidi-shared-kek-1", aes_material)
+            node_b.import_hmac_key("kleidi-shared-mac-1", mac_material)
+            config = {"provider": "pkcs11", "health_interval": "1s", "pkcs11": node_b.pkcs11_config(**shared)}
+            with KleidiProcess(tmp_path / "node-b", config, env={**os.environ, **node_b.env}) as other:
+                other.start()
+                other.wait_healthy(30)
+                with healthy.client() as kms_a, other.client() as kms_b:
+                    assert kms_a.status().key_id == kms_b.status().key_id
+                    seed_a, seed_b = os.urandom(32), os.urandom(32)
+                    from_a, from_b = kms_a.encrypt(seed_a), kms_b.encrypt(seed_b)
+                    assert kms_b.decrypt(from_a.ciphertext, from_a.key_id) == seed_a
+                    assert kms_a.decrypt(from_b.ciphertext, from_b.key_id) == seed_b
+                # A key generated inside one TPM exists nowhere else: node B cannot read node A's old data.
+                other.stop()
+                other.write_config(pkcs11=node_b.pkcs11_config())
+                other.start()
+                other.wait_healthy(30)
+                with healthy.client() as kms_a, other.client() as kms_b:
+                    assert kms_a.status().key_id != kms_b.status().key_id
+                    local = kms_b.encrypt(os.urandom(32))
+                    assert rpc_error(lambda: kms_a.decrypt(local.ciphertext, local.key_id)).code() == (
+                        grpc.StatusCode.NOT_FOUND
+                    )
+    finally:
+        healthy.stop()
+        healthy.write_config(pkcs11=previous)
+        healthy.start()
+        healthy.wait_healthy(30)

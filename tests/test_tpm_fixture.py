@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -369,3 +371,55 @@ def test_a_failing_start_stops_what_was_started(monkeypatch: pytest.MonkeyPatch)
     assert len(started) == 3
     assert [pid for pid in started if _running(pid)] == []
     assert not tpm.dir.exists()
+
+
+def test_the_same_imported_key_material_works_on_two_tpms(token: Token, tpm: SoftwareTPM) -> None:
+    """The multi-node pattern docs/tpm.md describes: one AES and one HMAC key, imported into each node's TPM."""
+    aes_material, mac_material = os.urandom(32), os.urandom(32)
+    tpm.import_aes_key("fx-shared-kek", aes_material)
+    tpm.import_hmac_key("fx-shared-mac", mac_material)
+    token.reinitialize()
+    iv, seed = os.urandom(16), os.urandom(32)
+    wrapped = bytes(token.session.encrypt(token.key("fx-shared-kek"), pkcs7_pad(seed), cbc(iv)))
+    mac = bytes(token.session.sign(token.key("fx-shared-mac"), iv + wrapped, HMAC))
+    imported = token.attrs(token.key("fx-shared-kek"), "CKA_EXTRACTABLE", "CKA_LOCAL", "CKA_SENSITIVE")
+    # Honest attributes: the key did not originate in the TPM and its TPM object is not fixedTPM.
+    assert imported == {"CKA_EXTRACTABLE": True, "CKA_LOCAL": False, "CKA_SENSITIVE": True}
+
+    with SoftwareTPM(token_label="other-node", aes_key_label="own-kek", hmac_key_label="own-mac") as other:
+        other.import_aes_key("fx-shared-kek", aes_material)
+        other.import_hmac_key("fx-shared-mac", mac_material)
+        # The other node is another process (one tpm2-pkcs11 initialisation per process).
+        result = subprocess.run(
+            [sys.executable, "-c", OTHER_NODE, other.token_label, (iv + wrapped + mac).hex()],
+            input=other.pin.encode(),
+            env={**os.environ, **other.env},
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr.decode()[-2000:]
+        verified, unwrapped, own_key_unwrapped = result.stdout.decode().split()
+        assert verified == "True"
+        assert pkcs7_unpad(bytes.fromhex(unwrapped)) == seed
+        # keys generated inside each TPM differ: what one node wraps with them, another cannot read
+        assert bytes.fromhex(own_key_unwrapped) != pkcs7_pad(seed)
+
+
+OTHER_NODE = """
+import sys, PyKCS11
+label, blob = sys.argv[1], bytes.fromhex(sys.argv[2])
+iv, wrapped, mac = blob[:16], blob[16:-32], blob[-32:]
+lib = PyKCS11.PyKCS11Lib()
+lib.load("/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so")
+slot = next(s for s in lib.getSlotList(tokenPresent=True) if lib.getTokenInfo(s).label.strip() == label)
+session = lib.openSession(slot)
+session.login(sys.stdin.read())
+key = lambda name: session.findObjects([(PyKCS11.CKA_LABEL, name)])[0]
+hmac = PyKCS11.Mechanism(PyKCS11.CKM_SHA256_HMAC, None)
+cbc = PyKCS11.Mechanism(PyKCS11.CKM_AES_CBC, iv)
+print(session.verify(key("fx-shared-mac"), iv + wrapped, mac, hmac))
+print(bytes(session.decrypt(key("fx-shared-kek"), wrapped, cbc)).hex())
+print(bytes(session.decrypt(key("own-kek"), wrapped, cbc)).hex())
+session.logout()
+"""

@@ -234,6 +234,40 @@ class SoftwareTPM:
         """Generate another HMAC-SHA256 key in the TPM and store it in the token."""
         self._addkey(label, "hmac:sha256")
 
+    def import_aes_key(self, label: str, material: bytes) -> None:
+        """Import existing AES-256 key material (the multi-node pattern): `tpm2_import` under the token's
+        primary object, then `tpm2_ptool link`. tpm2_ptool's own `import` takes only RSA, EC and HMAC keys."""
+        if len(material) != 32:
+            raise ValueError("AES-256 key material is 32 bytes")
+        with self._secret_file(material) as key_file:
+            pub, priv = key_file.with_suffix(".pub"), key_file.with_suffix(".priv")
+            try:
+                self._run(
+                    "tpm2_import", "-C", self.primary_handle(), "-G", "aes", "-i", str(key_file),
+                    "-u", str(pub), "-r", str(priv),
+                )  # fmt: skip
+                self._ptool("link", f"--label={self.token_label}", f"--key-label={label}", f"--userpin={self.pin}",
+                            str(pub), str(priv))  # fmt: skip
+            finally:
+                pub.unlink(missing_ok=True)
+                priv.unlink(missing_ok=True)
+
+    def import_hmac_key(self, label: str, material: bytes) -> None:
+        """Import existing HMAC-SHA256 key material with `tpm2_ptool import --algorithm=hmac:sha256`."""
+        with self._secret_file(material) as key_file:
+            self._ptool(
+                "import", f"--label={self.token_label}", f"--key-label={label}", f"--userpin={self.pin}",
+                "--algorithm=hmac:sha256", f"--privkey={key_file}",
+            )  # fmt: skip
+
+    def primary_handle(self) -> str:
+        """The persistent handle of the token's primary object (the parent of its keys), e.g. 0x81000001."""
+        out = self._ptool("listprimaries")
+        match = re.search(r"esys-tr:\s*([0-9a-f]{8})", out)
+        if not match:
+            raise TPMFixtureError("tpm2_ptool listprimaries shows no persistent primary object")
+        return "0x" + match.group(1)
+
     def list_objects(self) -> str:
         return self._ptool("listobjects", "--label", self.token_label)
 
@@ -347,6 +381,24 @@ class SoftwareTPM:
                 return
             time.sleep(0.1)
         raise TPMFixtureError(f"tpm2-abrmd did not answer within {START_TIMEOUT}s; see {self.log_dir / 'abrmd.log'}")
+
+    @contextlib.contextmanager
+    def _secret_file(self, material: bytes) -> Iterator[Path]:
+        fd, name = tempfile.mkstemp(dir=self.dir, suffix=".key")
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(material)
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _run(self, *command: str) -> str:
+        result = subprocess.run(command, env=self._tool_env(), capture_output=True, check=False, timeout=60)
+        if result.returncode != 0:
+            output = (result.stdout + result.stderr).decode(errors="replace")
+            raise TPMFixtureError(f"{command[0]} failed ({result.returncode}): {output.strip()[-2000:]}")
+        return result.stdout.decode(errors="replace")
 
     def _ptool(self, *args: str) -> str:
         command = ["tpm2_ptool", *args, f"--path={self.store_dir}"]
