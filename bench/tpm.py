@@ -1,17 +1,18 @@
-"""The TPM path: kleidi (aes-cbc-hmac through tpm2-pkcs11) against raw PyKCS11 on the same software TPM.
+"""kleidi (aes-cbc-hmac through tpm2-pkcs11) vs raw PyKCS11 CBC+HMAC on the same software TPM token.
 
 Starts a private software TPM (swtpm + tpm2-abrmd + a tpm2-pkcs11 token, see tests/backends/tpm.py) and one
 `kleidi serve` process on it, then measures Encrypt and Decrypt of a 32-byte DEK seed:
 
 - kleidi: the KMS v2 gRPC calls over kleidi's unix socket, as the apiserver makes them;
-- raw:    the same work done directly with PyKCS11 in this process, one session per client thread:
+- raw:    the same work done with PyKCS11 in this process, one session per client thread:
           Encrypt = CKM_AES_CBC over the PKCS#7-padded seed + CKM_SHA256_HMAC over header|IV|ciphertext,
-          Decrypt = CKM_SHA256_HMAC, constant-time compare, CKM_AES_CBC, unpad.
+          Decrypt = CKM_SHA256_HMAC, constant-time compare, CKM_AES_CBC, unpad, compare with the seed.
 
-Both pay two TPM operations per call; the TPM serialises them, so more clients add queueing, not
-throughput. Request counts are small because a software TPM does only a few hundred operations a second.
+Both pay two TPM operations per call, and the TPM serialises them: more clients add queueing, not
+throughput. Call counts are small because a software TPM does only a few hundred operations a second.
 
-    python -m bench.tpm [--requests 80] [--clients 1,8] [--pool-size 4]
+    python -m bench tpm            (with the other backends: python -m bench)
+    python -m bench.tpm [--calls 80] [--clients 1,8] [--pool-size 4]
 """
 
 from __future__ import annotations
@@ -19,74 +20,26 @@ from __future__ import annotations
 import argparse
 import hmac
 import os
-import statistics
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import PyKCS11
 
-from kleidi.client import KmsClient
+from bench.common import HEADER, measure, row
 from tests.backends.tpm import SoftwareTPM
 from tests.plugin import KleidiProcess
 
+# Calls per measurement, split over the clients (a software TPM does ~170 kleidi calls/s).
+CALLS = 80
 SEED_BYTES = 32
 BLOCK = 16
+MAC_BYTES = 32
 HMAC = PyKCS11.Mechanism(PyKCS11.CKM_SHA256_HMAC, None)
-# Stands in for kleidi's blob header (magic, version, mechanism, two labels, fingerprint): same size class.
+# Stands in for kleidi's blob header (magic, version, mechanism, two labels, fingerprint): the same size.
 RAW_HEADER = b"kl\x01\x02" + b"\x0ckleidi-kek-1" + b"\x0ckleidi-mac-1" + bytes(8)
-
-
-@dataclass
-class Result:
-    op: str
-    clients: int
-    path: str
-    ops: int
-    seconds: float
-    latencies: list[float]
-
-    @property
-    def rate(self) -> float:
-        return self.ops / self.seconds if self.seconds else 0.0
-
-    def percentile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        if not ordered:
-            return 0.0
-        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))] * 1000
-
-
-def run_clients(clients: int, per_client: int, call: Callable[[int, int], None]) -> tuple[float, list[float]]:
-    """Run `call(client, i)` per_client times in each of `clients` threads; wall time and every latency."""
-    latencies: list[list[float]] = [[] for _ in range(clients)]
-    start = threading.Barrier(clients + 1)
-
-    def worker(client: int) -> None:
-        start.wait()
-        own = latencies[client]
-        for i in range(per_client):
-            began = time.perf_counter()
-            call(client, i)
-            own.append(time.perf_counter() - began)
-
-    with ThreadPoolExecutor(clients) as pool:
-        futures = [pool.submit(worker, c) for c in range(clients)]
-        start.wait()
-        began = time.perf_counter()
-        for future in futures:
-            future.result()
-        wall = time.perf_counter() - began
-    return wall, [x for own in latencies for x in own]
-
-
-# --- raw PyKCS11 -----------------------------------------------------------------------------------------
 
 
 class RawToken:
@@ -94,7 +47,7 @@ class RawToken:
 
     def __init__(self, tpm: SoftwareTPM, sessions: int) -> None:
         self.lib = PyKCS11.PyKCS11Lib()
-        with tpm.environ():
+        with tpm.environ():  # tpm2-pkcs11 reads its TCTI and store at C_Initialize
             self.lib.load(tpm.module)
         slot = next(
             s
@@ -120,7 +73,7 @@ class RawToken:
         return signed + bytes(session.sign(self.mac, signed, HMAC))
 
     def decrypt(self, session: Any, blob: bytes) -> bytes:
-        signed, mac = blob[:-32], blob[-32:]
+        signed, mac = blob[:-MAC_BYTES], blob[-MAC_BYTES:]
         if not hmac.compare_digest(bytes(session.sign(self.mac, signed, HMAC)), mac):
             raise ValueError("MAC mismatch")
         iv, body = signed[len(RAW_HEADER) : len(RAW_HEADER) + BLOCK], signed[len(RAW_HEADER) + BLOCK :]
@@ -134,113 +87,75 @@ class RawToken:
         self.lib.unload()
 
 
-def bench_raw(token: RawToken, clients: int, per_client: int) -> list[Result]:
-    seeds = [[os.urandom(SEED_BYTES) for _ in range(per_client)] for _ in range(clients)]
-    blobs: list[list[bytes]] = [[b""] * per_client for _ in range(clients)]
+def _checked(call: Callable[[], bytes], expected: bytes, what: str) -> Callable[[], None]:
+    def run() -> None:
+        if call() != expected:
+            raise AssertionError(f"{what} round trip returned a different seed")
 
-    def enc(c: int, i: int) -> None:
-        blobs[c][i] = token.encrypt(token.sessions[c], seeds[c][i])
-
-    def dec(c: int, i: int) -> None:
-        if token.decrypt(token.sessions[c], blobs[c][i]) != seeds[c][i]:
-            raise AssertionError("raw round trip returned a different seed")
-
-    results = []
-    for op, call in (("Encrypt", enc), ("Decrypt", dec)):
-        wall, latencies = run_clients(clients, per_client, call)
-        results.append(Result(op, clients, "raw PyKCS11", clients * per_client, wall, latencies))
-    return results
+    return run
 
 
-# --- kleidi ----------------------------------------------------------------------------------------------
-
-
-def bench_kleidi(socket: str, clients: int, per_client: int) -> list[Result]:
-    kms = [KmsClient(socket, timeout=30) for _ in range(clients)]
-    seeds = [[os.urandom(SEED_BYTES) for _ in range(per_client)] for _ in range(clients)]
-    answers: list[list[Any]] = [[None] * per_client for _ in range(clients)]
-
-    def enc(c: int, i: int) -> None:
-        answers[c][i] = kms[c].encrypt(seeds[c][i], uid=f"bench-{c}-{i}")
-
-    def dec(c: int, i: int) -> None:
-        answer = answers[c][i]
-        if kms[c].decrypt(answer.ciphertext, answer.key_id, {}, f"bench-{c}-{i}") != seeds[c][i]:
-            raise AssertionError("kleidi round trip returned a different seed")
-
-    try:
-        for client in kms:
-            client.wait_ready(10)
-            client.status()
-        results = []
-        for op, call in (("Encrypt", enc), ("Decrypt", dec)):
-            wall, latencies = run_clients(clients, per_client, call)
-            results.append(Result(op, clients, "kleidi socket", clients * per_client, wall, latencies))
-        return results
-    finally:
-        for client in kms:
-            client.close()
-
-
-# --- report ----------------------------------------------------------------------------------------------
-
-
-def table(results: Sequence[Result]) -> str:
-    raw = {(r.op, r.clients): r.rate for r in results if r.path == "raw PyKCS11"}
+def run(calls: int = CALLS, client_counts: Sequence[int] = (1, 8), pool_size: int = 4) -> list[str]:
+    """Measure both paths; returns the printed table lines."""
     lines = [
-        f"{'op':<8} {'clients':>7} {'path':<14} {'calls':>6} {'ops/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'vs raw':>7}",
+        "",
+        f"kleidi pkcs11 (software TPM via tpm2-pkcs11, aes-cbc-hmac, pool_size {pool_size}), 32-byte data keys;",
+        "raw = PyKCS11 CBC+HMAC on the same token in this process; every call is two TPM operations",
+        HEADER,
     ]
-    for r in results:
-        base = raw.get((r.op, r.clients))
-        ratio = f"{r.rate / base:.2f}" if base and r.path != "raw PyKCS11" else ""
-        lines.append(
-            f"{r.op:<8} {r.clients:>7} {r.path:<14} {r.ops:>6} {r.rate:>8.1f} "
-            f"{r.percentile(0.50):>8.2f} {r.percentile(0.99):>8.2f} {ratio:>7}"
-        )
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.tpm", description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--requests", type=int, default=80, help="calls per operation and client count, split over the clients (80)"
-    )
-    parser.add_argument("--clients", default="1,8", help="comma-separated client counts (default 1,8)")
-    parser.add_argument("--pool-size", type=int, default=4, help="kleidi pkcs11.pool_size (default 4)")
-    args = parser.parse_args(argv)
-    counts = [int(c) for c in args.clients.split(",") if c.strip()]
-    if not counts or min(counts) < 1 or args.requests < 1:
-        parser.error("--clients and --requests must be positive")
-
-    print("TPM2 (software TPM: swtpm + tpm2-abrmd + tpm2-pkcs11), 32-byte seeds, aes-cbc-hmac", flush=True)
-    results: list[Result] = []
+    print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory(prefix="kleidi-bench-tpm-") as work, SoftwareTPM() as tpm:
-        config = {
-            "provider": "pkcs11",
-            "health_interval": "60s",
-            "pkcs11": tpm.pkcs11_config(pool_size=args.pool_size, session_timeout="30s"),
-        }
-        with KleidiProcess(Path(work) / "kleidi", config, env={**os.environ, **tpm.env}) as kleidi:
-            kleidi.start()
-            token = RawToken(tpm, max(counts))
+        config = {"provider": "pkcs11", "pkcs11": tpm.pkcs11_config(pool_size=pool_size, session_timeout="30s")}
+        with KleidiProcess(Path(work) / "kleidi", config, env={**os.environ, **tpm.env}) as plugin:
+            plugin.start()
+            plugin.wait_healthy(30)
+            token = RawToken(tpm, max(client_counts))
+            clients = [plugin.client(timeout=30) for _ in range(max(client_counts))]
             try:
-                # warm both paths (first calls load keys, fill caches, open channels)
-                for _ in range(3):
-                    token.decrypt(token.sessions[0], token.encrypt(token.sessions[0], os.urandom(SEED_BYTES)))
-                bench_kleidi(kleidi.socket, 1, 3)
-                for clients in counts:
-                    per_client = -(-args.requests // clients)
-                    results += bench_raw(token, clients, per_client)
-                    results += bench_kleidi(kleidi.socket, clients, per_client)
+                seed = os.urandom(SEED_BYTES)
+                blob = clients[0].encrypt(seed)
+                raw_blob = token.encrypt(token.sessions[0], seed)
+                status = measure(lambda i: clients[i].status, 1, 200)
+                lines.append(row("Status", 1, status, None))
+                print(lines[-1], flush=True)
+                for n in client_counts:
+                    per_client = -(-calls // n)
+                    raw_enc = measure(lambda i: lambda: token.encrypt(token.sessions[i], seed), n, per_client)
+                    raw_dec = measure(
+                        lambda i: _checked(lambda: token.decrypt(token.sessions[i], raw_blob), seed, "raw"),
+                        n,
+                        per_client,
+                    )
+                    enc = measure(lambda i: lambda: clients[i].encrypt(seed), n, per_client)
+                    dec = measure(
+                        lambda i: _checked(lambda: clients[i].decrypt(blob.ciphertext, blob.key_id), seed, "kleidi"),
+                        n,
+                        per_client,
+                    )
+                    for name, plugin_result, raw_result in (("Encrypt", enc, raw_enc), ("Decrypt", dec, raw_dec)):
+                        lines.append(row(name, n, plugin_result, raw_result))
+                        print(lines[-1], flush=True)
             finally:
+                for client in clients:
+                    client.close()
                 token.close()
-    results.sort(key=lambda r: (r.op != "Encrypt", r.clients, r.path != "raw PyKCS11"))
-    print(table(results))
-    rates = [r.rate for r in results if r.path == "kleidi socket"]
-    if rates:
-        print(f"kleidi median {statistics.median(rates):.0f} calls/s; each call is two TPM operations.")
-    return 0
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m bench` calls this with no arguments: the defaults."""
+    parser = argparse.ArgumentParser(prog="python -m bench.tpm", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument(
+        "--calls", type=int, default=CALLS, help=f"calls per measurement, split over the clients ({CALLS})"
+    )
+    parser.add_argument("--clients", default="1,8", help="comma-separated client counts (1,8)")
+    parser.add_argument("--pool-size", type=int, default=4, help="kleidi pkcs11.pool_size (4)")
+    args = parser.parse_args([] if argv is None else argv)
+    counts = [int(c) for c in args.clients.split(",") if c.strip()]
+    if not counts or min(counts) < 1 or args.calls < 1:
+        parser.error("--clients and --calls must be positive")
+    run(args.calls, counts, args.pool_size)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main(sys.argv[1:])
