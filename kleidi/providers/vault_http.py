@@ -31,6 +31,8 @@ _MAX_REASON = 200
 # Backoff between attempts: 50 ms doubling to 1 s, with jitter, always inside the caller's deadline.
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
+# Give up this long before the caller's deadline, so it gets kleidi's reason rather than DEADLINE_EXCEEDED.
+_DEADLINE_MARGIN = 0.025
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +50,10 @@ class Reply:
     def data(self) -> dict[str, Any]:
         data = self.body.get("data")
         return data if isinstance(data, dict) else {}
+
+
+class TlsFailure(BackendUnavailable):
+    """The TLS handshake failed (untrusted or mismatched certificate): retrying within a call will not help."""
 
 
 class Redactor:
@@ -140,7 +146,7 @@ class VaultHttp:
             status = "timeout"
             raise BackendUnavailable(f"Vault at {self.address} did not answer {operation} in {timeout:.3g}s") from None
         except requests.exceptions.SSLError as exc:
-            raise BackendUnavailable(f"TLS to Vault at {self.address} failed: {_ssl_reason(exc)}") from None
+            raise TlsFailure(f"TLS to Vault at {self.address} failed: {_ssl_reason(exc)}") from None
         except requests.exceptions.ConnectionError:
             raise BackendUnavailable(f"cannot connect to Vault at {self.address}") from None
         except requests.exceptions.RequestException as exc:
@@ -173,12 +179,14 @@ class VaultHttp:
         auth_retried = False
         while True:
             token = auth.current(deadline) if auth is not None else None
-            remaining = deadline - time.monotonic()
+            remaining = deadline - time.monotonic() - _DEADLINE_MARGIN
             if remaining <= 0:
                 raise BackendUnavailable(f"no answer from Vault at {self.address} for {operation} before the deadline")
             try:
                 value = token.value if token is not None else None
                 reply = self.send(method, path, operation, value, payload, min(self.config.timeout, remaining))
+            except TlsFailure:
+                raise
             except BackendUnavailable as exc:
                 failure = exc
             else:
@@ -192,7 +200,7 @@ class VaultHttp:
                 failure = BackendUnavailable(self.transient_reason(reply))
             delay = min(_BACKOFF_FIRST * 2**attempt, _BACKOFF_MAX) * (0.5 + random.random() / 2)  # noqa: S311
             attempt += 1
-            if time.monotonic() + delay >= deadline:
+            if time.monotonic() + delay >= deadline - _DEADLINE_MARGIN:
                 raise failure
             time.sleep(delay)
 

@@ -1,4 +1,4 @@
-"""Real OpenBao servers for the tests: a dev server, a TLS server with file storage, and what auth methods need.
+"""Real OpenBao servers for tests: a dev server, a TLS server with on-disk (raft) storage, what auth methods need.
 
 Everything listens on 127.0.0.1 on free ports, lives in a temp directory, and keeps its log for failures.
 Secrets go to the server through the environment or the HTTP API, never through argv."""
@@ -122,7 +122,7 @@ class TestCA:
 
 
 class OpenBao:
-    """One ``bao server`` process: ``dev`` (in memory, root token known) or TLS with file storage.
+    """One ``bao server`` process: ``dev`` (in memory, root token known) or TLS with on-disk (raft) storage.
 
     The TLS server is initialised by the fixture through the HTTP API (one unseal key) and unsealed;
     it survives ``kill()`` + ``start()`` with its data, sealed again, so ``start`` unseals it."""
@@ -143,11 +143,15 @@ class OpenBao:
             cert, key = ca.issue(f"openbao-{self.port}")
             (root / "data").mkdir(exist_ok=True)
             self.config_file = root / "bao.hcl"
+            cluster_port = free_port()
+            # OpenBao 2.x has no "file" storage any more; integrated storage (raft) on one node persists the same way.
             self.config_file.write_text(
-                f'storage "file" {{\n  path = "{root / "data"}"\n}}\n'
+                f'storage "raft" {{\n  path = "{root / "data"}"\n  node_id = "kleidi-test"\n'
+                "  performance_multiplier = 1\n}\n"
                 f'listener "tcp" {{\n  address = "127.0.0.1:{self.port}"\n'
+                f'  cluster_address = "127.0.0.1:{cluster_port}"\n'
                 f'  tls_cert_file = "{cert}"\n  tls_key_file = "{key}"\n  tls_min_version = "tls12"\n}}\n'
-                f'api_addr = "{self.address}"\ndisable_mlock = true\nui = false\n'
+                f'api_addr = "{self.address}"\ncluster_addr = "https://127.0.0.1:{cluster_port}"\nui = false\n'
             )
             self.verify: str | bool = str(ca.file)
         else:
