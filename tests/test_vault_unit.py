@@ -1,0 +1,145 @@
+"""Vault provider pieces that need injected faults: the retry loop, redaction, local ciphertext checks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kleidi.config import VaultConfig
+from kleidi.errors import BackendUnavailable, InvalidInput
+from kleidi.observability import Metrics
+from kleidi.providers.vault import VaultProvider
+from kleidi.providers.vault_auth import VaultToken
+from kleidi.providers.vault_http import Redactor, Reply, TlsFailure, VaultHttp
+
+SEALED = Reply(503, {"errors": ["Vault is sealed"]})
+OK = Reply(200, {"data": {}})
+
+
+def http() -> VaultHttp:
+    config = VaultConfig.model_validate(
+        {"address": "http://127.0.0.1:1", "timeout": "1s", "auth": {"method": "token", "token_env": "NOPE"}}
+    )
+    return VaultHttp(config, Metrics())
+
+
+class Script:
+    """Stands in for VaultHttp.send: answers (or raises) from a list, recording the tokens it was given."""
+
+    def __init__(self, *answers: Reply | Exception) -> None:
+        self.answers = list(answers)
+        self.tokens: list[str | None] = []
+
+    def __call__(self, method: str, path: str, op: str, token: str | None, payload: Any, timeout: float) -> Reply:
+        self.tokens.append(token)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+class Tokens:
+    """A token source that hands out tok-1, then tok-2 after a refusal."""
+
+    def __init__(self, relogin: bool = True) -> None:
+        self.generation = 1
+        self.relogin = relogin
+        self.refusals = 0
+
+    def current(self, deadline: float) -> VaultToken:
+        return VaultToken(value=f"tok-{self.generation}", generation=self.generation)
+
+    def refused(self, token: Any) -> bool:
+        self.refusals += 1
+        if self.relogin:
+            self.generation += 1
+        return self.relogin
+
+
+@pytest.fixture
+def vh() -> Iterator[VaultHttp]:
+    client = http()
+    yield client
+    client.close()
+
+
+def test_transient_answers_are_retried_until_one_succeeds(vh: VaultHttp, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = Script(SEALED, BackendUnavailable("cannot connect"), Reply(502, {}), OK)
+    monkeypatch.setattr(vh, "send", script)
+    assert vh.call("post", "transit/encrypt/k", "encrypt", {}, time.monotonic() + 5).status == 200
+    assert len(script.tokens) == 4
+
+
+def test_retries_stop_before_the_deadline_with_the_last_reason(vh: VaultHttp, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(vh, "send", Script(SEALED))
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable, match="is sealed"):
+        vh.call("post", "transit/encrypt/k", "encrypt", {}, started + 0.5)
+    assert time.monotonic() - started < 0.5
+
+
+def test_client_errors_and_tls_failures_are_not_retried(vh: VaultHttp, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = Script(Reply(400, {"errors": ["bad"]}))
+    monkeypatch.setattr(vh, "send", script)
+    assert vh.call("post", "p", "encrypt", {}, time.monotonic() + 5).status == 400
+    assert len(script.tokens) == 1
+    tls = Script(TlsFailure("TLS to Vault failed"))
+    monkeypatch.setattr(vh, "send", tls)
+    with pytest.raises(TlsFailure):
+        vh.call("post", "p", "encrypt", {}, time.monotonic() + 5)
+    assert len(tls.tokens) == 1
+
+
+def test_a_refused_token_is_replaced_once(vh: VaultHttp, monkeypatch: pytest.MonkeyPatch) -> None:
+    script = Script(Reply(403, {"errors": ["permission denied"]}), OK)
+    monkeypatch.setattr(vh, "send", script)
+    tokens = Tokens()
+    assert vh.call("post", "p", "encrypt", {}, time.monotonic() + 5, auth=tokens).status == 200
+    assert script.tokens == ["tok-1", "tok-2"]
+    # Refused again after the new login: the answer goes back to the caller, no login loop.
+    denied = Script(Reply(403, {"errors": ["permission denied"]}))
+    monkeypatch.setattr(vh, "send", denied)
+    assert vh.call("post", "p", "encrypt", {}, time.monotonic() + 5, auth=tokens).status == 403
+    assert tokens.refusals == 2 and len(denied.tokens) == 2
+    # A token the source says is alive (a policy refusal) is not retried at all.
+    alive = Tokens(relogin=False)
+    policy = Script(Reply(403, {"errors": ["permission denied"]}))
+    monkeypatch.setattr(vh, "send", policy)
+    assert vh.call("post", "p", "encrypt", {}, time.monotonic() + 5, auth=alive).status == 403
+    assert policy.tokens == ["tok-1"]
+
+
+def test_redactor_removes_known_secrets_and_token_shapes() -> None:
+    redactor = Redactor()
+    redactor.add("my-secret-id-1234")
+    jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
+    text = f"bad secret my-secret-id-1234, token hvs.CAESIabcdefghijklmnop and s.abcdefghijklmnopqrstuvwx, jwt {jwt}"
+    cleaned = redactor.clean(text)
+    for secret in ("my-secret-id-1234", "hvs.CAESI", "s.abcdefgh", "eyJhbGci", "c2lnbmF0dXJl"):
+        assert secret not in cleaned
+    assert cleaned.count("[redacted]") == 4
+    assert len(redactor.clean("x" * 1000)) == 200
+
+
+def test_token_repr_hides_the_token() -> None:
+    token = VaultToken(value="s.supersecretvalue", generation=3, ttl=60)
+    assert "supersecret" not in repr(token) and "supersecret" not in str(token)
+
+
+@pytest.mark.parametrize(
+    "ciphertext",
+    [b"\xff\xfe", b"", b"vault:v0:AAAA", b"vault:vx:AAAA", b"vault:v1:", b"vault:v1:AA AA", b"k8s:enc:kms:v2:x"],
+)
+def test_malformed_ciphertext_is_rejected_without_calling_vault(ciphertext: bytes) -> None:
+    config = VaultConfig.model_validate(
+        {"address": "http://127.0.0.1:1", "auth": {"method": "token", "token_env": "KLEIDI_TEST_UNSET"}}
+    )
+    provider = VaultProvider(config, Metrics())
+    try:
+        with pytest.raises(InvalidInput, match="not a Vault transit ciphertext"):
+            provider.decrypt(ciphertext, "", {}, "uid")
+    finally:
+        provider.close()
