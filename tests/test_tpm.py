@@ -351,3 +351,27 @@ def test_two_nodes_with_the_same_imported_keys_share_key_id_and_data(
         healthy.write_config(pkcs11=previous)
         healthy.start()
         healthy.wait_healthy(30)
+
+
+def test_a_wrong_pin_is_offered_to_the_tpm_once_not_until_lockout(healthy: KleidiProcess, tpm: SoftwareTPM) -> None:
+    """A wrong PIN counts against the TPM's dictionary-attack protection, which guards every key on the TPM
+    (swtpm: 3 failures, then 1000 s of lockout). The TPM's own counter proves kleidi tried it once."""
+    tpm.clear_lockout()
+    assert tpm.lockout_counter() == 0
+    try:
+        healthy.stop()
+        tpm.pin_file.write_text("not-the-pin")
+        healthy.start()
+        wait_for(lambda: "PIN" in healthy.healthz()[1], 20, "the refused PIN in healthz")
+        # several health intervals (1 s) later, still one failure on the TPM
+        wait_for(lambda: "refused this PIN before" in healthy.healthz()[1], 20, "the latch to hold")
+        assert healthy.healthz()[0] == 503
+        assert tpm.lockout_counter() == 1
+        assert b"not-the-pin" not in healthy.log_file.read_bytes()
+        # the right PIN again: kleidi picks it up without a restart
+        tpm.pin_file.write_text(tpm.pin)
+        healthy.wait_healthy(30)
+        assert tpm.lockout_counter() == 1
+    finally:
+        tpm.pin_file.write_text(tpm.pin)
+        tpm.clear_lockout()

@@ -268,6 +268,19 @@ class SoftwareTPM:
             raise TPMFixtureError("tpm2_ptool listprimaries shows no persistent primary object")
         return "0x" + match.group(1)
 
+    def lockout_counter(self) -> int:
+        """The TPM's dictionary-attack counter: every wrong PIN given to tpm2-pkcs11 increments it. swtpm locks
+        all DA-protected objects (every token's keys) after 3 failures, for 1000 s."""
+        out = self._run("tpm2_getcap", "properties-variable")
+        match = re.search(r"TPM2_PT_LOCKOUT_COUNTER:\s*(0x[0-9a-fA-F]+)", out)
+        if not match:
+            raise TPMFixtureError("tpm2_getcap shows no TPM2_PT_LOCKOUT_COUNTER")
+        return int(match.group(1), 16)
+
+    def clear_lockout(self) -> None:
+        """Reset the dictionary-attack counter (lockout auth is empty on a fresh swtpm)."""
+        self._run("tpm2_dictionarylockout", "--clear-lockout")
+
     def list_objects(self) -> str:
         return self._ptool("listobjects", "--label", self.token_label)
 
