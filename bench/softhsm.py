@@ -9,12 +9,16 @@ from pathlib import Path
 
 import PyKCS11
 
-from bench.common import HEADER, Result, measure, row, rss_mib
+from bench.common import HEADER, Result, measure, measure_socket, row, rss_mib
+from kleidi.api import v2_pb2
 from kleidi.client import KmsClient
 from tests.backends.softhsm import SoftHsm
 from tests.plugin import KleidiProcess, wait_for
 
 CALLS = 2000
+STATUS = "/v2.KeyManagementService/Status"
+ENCRYPT = "/v2.KeyManagementService/Encrypt"
+DECRYPT = "/v2.KeyManagementService/Decrypt"
 
 
 def _raw_calls(hsm: SoftHsm, clients: int) -> tuple[dict[str, Result], list[object]]:
@@ -53,24 +57,23 @@ def main() -> None:
             print("\nkleidi pkcs11 (SoftHSM2, aes-gcm), 32-byte data keys, through the unix socket")
             print(HEADER)
             seed = os.urandom(32)
-            clients = [plugin.client() for _ in range(8)]
-            blob = clients[0].encrypt(seed)
-            status = measure(lambda i: clients[i].status, 1, CALLS)
+            with plugin.client() as kms:
+                blob = kms.encrypt(seed)
+            encrypt = v2_pb2.EncryptRequest(plaintext=seed, uid="bench").SerializeToString()
+            decrypt = v2_pb2.DecryptRequest(ciphertext=blob.ciphertext, key_id=blob.key_id, uid="bench")
+            status = measure_socket(plugin.socket, STATUS, b"", 1, CALLS)
             print(row("Status", 1, status, None))
             for n in (1, 8):
                 raw, keep = _raw_calls(hsm, n)
-                enc = measure(lambda i: lambda: clients[i].encrypt(seed), n, CALLS)
-                dec = measure(lambda i: lambda: clients[i].decrypt(blob.ciphertext, blob.key_id), n, CALLS)
+                enc = measure_socket(plugin.socket, ENCRYPT, encrypt, n, CALLS)
+                dec = measure_socket(plugin.socket, DECRYPT, decrypt.SerializeToString(), n, CALLS)
                 print(row("Encrypt", n, enc, raw["encrypt"]))
                 print(row("Decrypt", n, dec, raw["decrypt"]))
                 del keep
-            for _ in range(10_000 - 4 * CALLS * 9):
-                clients[0].encrypt(seed)
+            # 1 + 2 x 9 measurements of CALLS calls, plus warm-ups: well over 10k requests by now
             assert plugin.proc is not None
-            print(f"plugin RSS after >10k requests: {rss_mib(plugin.proc.pid):.1f} MiB")
+            print(f"plugin RSS after {1 + 2 * 9} x {CALLS} requests: {rss_mib(plugin.proc.pid):.1f} MiB")
             print(f"time from start to first served Status: {first_status * 1000:.0f} ms")
-            for client in clients:
-                client.close()
         finally:
             plugin.stop()
 

@@ -67,7 +67,8 @@ class HealthMonitor:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
 
     def check_once(self) -> HealthState:
         started = time.monotonic()

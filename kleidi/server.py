@@ -180,6 +180,7 @@ class KleidiServer:
         cfg = self.config
         path = cfg.socket_path
         unixsocket.prepare(path)
+        gid = unixsocket.group_id(cfg.socket_group)
         address = cfg.metrics_address
         if address is not None:
             try:
@@ -208,10 +209,11 @@ class KleidiServer:
         try:
             server.add_insecure_port(f"unix:{path}")
             server.start()
+            self._grpc = server
         finally:
             os.umask(old_umask)
-        self._inode = unixsocket.secure(path, cfg.socket_mode, cfg.socket_group)
-        self._grpc = server
+        self._inode = os.lstat(path).st_ino
+        unixsocket.secure(path, cfg.socket_mode, gid)
         log.info(
             "serving",
             extra={
@@ -256,7 +258,11 @@ def serve(config: Config) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    server.start()
+    try:
+        server.start()
+    except BaseException:
+        server.stop()  # whatever did start (probes, health loop, the backend) must not keep the process alive
+        raise
     # Give the first health check a moment so the apiserver's first Status is already truthful.
     server.health.wait_first(min(config.health_interval, 3.0))
     try:

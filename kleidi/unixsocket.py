@@ -56,20 +56,23 @@ def _is_listening(path: str) -> bool:
     return True
 
 
-def secure(path: str, mode: int, group: str) -> int:
-    """Apply the configured mode and group to the bound socket; return its inode for later removal."""
-    if group:
-        gid = int(group) if group.isdigit() else _gid(group)
+def group_id(group: str) -> int | None:
+    """The gid for ``socket_group`` (a name or a number); None keeps the process's group."""
+    if not group:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"socket_group: no group named {group}") from None
+
+
+def secure(path: str, mode: int, gid: int | None) -> None:
+    """Apply the configured mode and group to the bound socket."""
+    if gid is not None:
         os.chown(path, -1, gid)
     os.chmod(path, mode)
-    return os.lstat(path).st_ino
-
-
-def _gid(name: str) -> int:
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise ConfigError(f"socket_group: no group named {name}") from None
 
 
 def remove(path: str, inode: int) -> None:
