@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -423,3 +424,32 @@ print(bytes(session.decrypt(key("fx-shared-kek"), wrapped, cbc)).hex())
 print(bytes(session.decrypt(key("own-kek"), wrapped, cbc)).hex())
 session.logout()
 """
+
+
+HOLDER = """
+import sys, time
+from tests.backends.tpm import SoftwareTPM
+tpm = SoftwareTPM(base_dir=sys.argv[1])
+tpm.start()
+print(" ".join(str(p) for p in tpm.pids), flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_killed_test_process_leaves_no_daemons(tmp_path: Path) -> None:
+    """Even SIGKILL of the process that owns the fixture (a CI timeout) stops swtpm, abrmd and dbus."""
+    deep = tmp_path / ("d" * 60)  # also longer than a unix socket path allows for the bus
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(deep)], stdout=subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent
+    )
+    try:
+        assert holder.stdout is not None
+        pids = [int(p) for p in holder.stdout.readline().split()]
+        assert len(pids) == 3 and all(_running(p) for p in pids)
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.monotonic() + 10
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [p for p in pids if _running(p)] == []

@@ -63,6 +63,14 @@ def _free_port_pair() -> int:
     raise TPMFixtureError("no pair of consecutive free ports on 127.0.0.1")
 
 
+def _with_parent(argv: list[str]) -> list[str]:
+    """Run argv so that it gets SIGTERM if the process that started it dies, even by SIGKILL (a killed test
+    run leaves no daemons behind). setpriv sets the parent-death signal and execs argv (same pid).
+
+    Linux ties that signal to the *thread* that forked: start the fixture from a thread that outlives it."""
+    return ["setpriv", "--pdeathsig", "TERM", "--", *argv] if shutil.which("setpriv") else argv
+
+
 def _stop_process(proc: subprocess.Popen[bytes] | None) -> None:
     """terminate, wait, kill, wait: never leaves a process behind."""
     if proc is None or proc.poll() is not None:
@@ -108,6 +116,7 @@ class SoftwareTPM:
         self._abrmd: subprocess.Popen[bytes] | None = None
         self._dbus: subprocess.Popen[bytes] | None = None
         self._logs: list[IO[bytes]] = []
+        self._bus_dir: Path | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -148,6 +157,9 @@ class SoftwareTPM:
             self._logs.clear()
             if self._own_dir:
                 shutil.rmtree(self.dir, ignore_errors=True)
+            if self._bus_dir is not None:
+                shutil.rmtree(self._bus_dir, ignore_errors=True)
+                self._bus_dir = None
 
     def stop_tpm(self) -> None:
         """Take the TPM away: stop tpm2-abrmd and swtpm. State, store and dbus stay."""
@@ -299,15 +311,21 @@ class SoftwareTPM:
     def _start_dbus(self) -> None:
         if self._dbus is not None:
             return
+        # A unix socket path must fit in 108 bytes; a deep base_dir gets a short private directory instead.
+        if len(str(self.dir)) > 60:
+            self._bus_dir = Path(tempfile.mkdtemp(prefix="kleidi-bus-"))
+        bus_dir = self._bus_dir or self.dir
         self._dbus = subprocess.Popen(
-            [
-                "dbus-daemon",
-                "--session",
-                "--nofork",
-                "--nopidfile",
-                "--print-address=1",
-                f"--address=unix:dir={self.dir}",
-            ],
+            _with_parent(
+                [
+                    "dbus-daemon",
+                    "--session",
+                    "--nofork",
+                    "--nopidfile",
+                    "--print-address=1",
+                    f"--address=unix:dir={bus_dir}",
+                ]
+            ),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._log("dbus.log"),
@@ -320,22 +338,25 @@ class SoftwareTPM:
 
     def _start_swtpm(self) -> None:
         last_error = ""
-        for _ in range(5):
-            port = self.port or _free_port_pair()
+        for attempt in range(6):
+            # A restart tries the old ports first (abrmd is restarted too, so new ones are fine after that).
+            port = self.port if self.port and attempt < 3 else _free_port_pair()
             proc = subprocess.Popen(
-                [
-                    "swtpm",
-                    "socket",
-                    "--tpm2",
-                    "--tpmstate",
-                    f"dir={self.state_dir}",
-                    "--server",
-                    f"type=tcp,port={port},bindaddr=127.0.0.1",
-                    "--ctrl",
-                    f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
-                    "--flags",
-                    "not-need-init,startup-clear",
-                ],
+                _with_parent(
+                    [
+                        "swtpm",
+                        "socket",
+                        "--tpm2",
+                        "--tpmstate",
+                        f"dir={self.state_dir}",
+                        "--server",
+                        f"type=tcp,port={port},bindaddr=127.0.0.1",
+                        "--ctrl",
+                        f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+                        "--flags",
+                        "not-need-init,startup-clear",
+                    ]
+                ),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=self._log("swtpm.log"),
@@ -357,20 +378,22 @@ class SoftwareTPM:
                 return
             _stop_process(proc)
             last_error = f"swtpm did not listen on {port}/{port + 1} (exit {proc.returncode})"
-            if self.port:
-                # Restarting on the same ports: the old socket may linger briefly; wait and retry.
+            if port == self.port:
+                # The old listening socket may linger briefly after a stop: wait, then retry.
                 time.sleep(0.5)
         raise TPMFixtureError(f"{last_error}; see {self.log_dir / 'swtpm.log'}")
 
     def _start_abrmd(self) -> None:
         self._abrmd = subprocess.Popen(
-            [
-                "tpm2-abrmd",
-                "--session",
-                "--allow-root",
-                "--flush-all",
-                f"--tcti=swtpm:host=127.0.0.1,port={self.port}",
-            ],
+            _with_parent(
+                [
+                    "tpm2-abrmd",
+                    "--session",
+                    "--allow-root",
+                    "--flush-all",
+                    f"--tcti=swtpm:host=127.0.0.1,port={self.port}",
+                ]
+            ),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self._log("abrmd.log"),
