@@ -8,6 +8,8 @@ every Encrypt or Decrypt costs two (AES-CBC and HMAC-SHA256), so request counts 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -179,6 +181,46 @@ def test_parallel_clients(healthy: KleidiProcess) -> None:
         assert sum(pool.map(worker, range(8))) == 8 * 6
     with healthy.client() as kms:
         assert kms.status().healthz == "ok"
+
+
+def test_status_stays_fast_and_healthy_while_the_tpm_is_saturated(healthy: KleidiProcess) -> None:
+    """Twelve callers keep the TPM busy (it runs one command at a time): Status is answered from cached
+    health in milliseconds, the health check still gets its turn, and every call ends within its deadline."""
+    stop = threading.Event()
+    outcomes: list[tuple[str, float]] = []
+
+    def load(n: int) -> None:
+        with healthy.client(timeout=3) as kms:
+            while not stop.is_set():
+                began = time.monotonic()
+                try:
+                    kms.encrypt(os.urandom(32), uid=f"load-{n}")
+                    outcomes.append(("ok", time.monotonic() - began))
+                except grpc.RpcError as exc:
+                    outcomes.append((exc.code().name, time.monotonic() - began))
+
+    threads = [threading.Thread(target=load, args=(n,)) for n in range(12)]
+    for thread in threads:
+        thread.start()
+    status_latency = []
+    try:
+        with healthy.client() as kms:
+            until = time.monotonic() + 4  # several 1 s health intervals
+            while time.monotonic() < until:
+                began = time.monotonic()
+                status = kms.status()
+                status_latency.append(time.monotonic() - began)
+                assert status.healthz == "ok", status.healthz
+                time.sleep(0.1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert max(status_latency) < 0.25, max(status_latency)
+    assert len(outcomes) > 100  # the TPM did real work meanwhile
+    assert {code for code, _ in outcomes} == {"ok"}, {code for code, _ in outcomes}
+    assert max(seconds for _, seconds in outcomes) < 3.5
+    assert healthy.healthz() == (200, "ok\n")
 
 
 def test_restart_of_kleidi_and_of_the_tpm_keeps_key_id_and_data(healthy: KleidiProcess, tpm: SoftwareTPM) -> None:
