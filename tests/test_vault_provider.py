@@ -74,6 +74,14 @@ def setup(bao: OpenBao, tmp_path: Path, make_provider: Factory) -> Setup:
     return Setup(bao, key, policy, token, token_file, metrics, provider)
 
 
+def flip_bit(ciphertext: bytes, index: int) -> bytes:
+    """Flip one bit of the raw bytes inside a transit ciphertext, keeping it valid base64."""
+    prefix, _, encoded = ciphertext.rpartition(b":")
+    raw = bytearray(base64.b64decode(encoded))
+    raw[index] ^= 0x01
+    return prefix + b":" + base64.b64encode(bytes(raw))
+
+
 def expected_key_id(bao: OpenBao, key: str, version: int, mount: str = "transit") -> str:
     digest = hashlib.sha256(f"{bao.address}||{mount}|{key}".encode()).hexdigest()[:16]
     return f"vault:{digest}:v{version}"
@@ -167,7 +175,7 @@ def test_raised_min_encryption_version_moves_encrypt_to_a_usable_version(setup: 
         (lambda ct: b"not a transit ciphertext", InvalidInput),
         (lambda ct: ct[:-12], InvalidInput),
         (lambda ct: ct[:9] + b"!!" + ct[11:], InvalidInput),
-        (lambda ct: ct[:12] + bytes([ct[12] ^ 0x01]) + ct[13:], IntegrityError),
+        (lambda ct: flip_bit(ct, 20), IntegrityError),
         (lambda ct: b"vault:v99:" + ct[9:], KeyNotFound),
     ],
     ids=["garbage", "not-transit", "truncated", "bad-base64", "bit-flip", "unknown-version"],

@@ -69,7 +69,7 @@ def vh() -> Iterator[VaultHttp]:
 def test_transient_answers_are_retried_until_one_succeeds(vh: VaultHttp, monkeypatch: pytest.MonkeyPatch) -> None:
     script = Script(SEALED, BackendUnavailable("cannot connect"), Reply(502, {}), OK)
     monkeypatch.setattr(vh, "send", script)
-    assert vh.call("post", "transit/encrypt/k", "encrypt", {}, time.monotonic() + 5).status == 200
+    assert vh.call("POST", "transit/encrypt/k", "encrypt", {}, time.monotonic() + 5).status == 200
     assert len(script.tokens) == 4
 
 
@@ -77,19 +77,19 @@ def test_retries_stop_before_the_deadline_with_the_last_reason(vh: VaultHttp, mo
     monkeypatch.setattr(vh, "send", Script(SEALED))
     started = time.monotonic()
     with pytest.raises(BackendUnavailable, match="is sealed"):
-        vh.call("post", "transit/encrypt/k", "encrypt", {}, started + 0.5)
+        vh.call("POST", "transit/encrypt/k", "encrypt", {}, started + 0.5)
     assert time.monotonic() - started < 0.5
 
 
 def test_client_errors_and_tls_failures_are_not_retried(vh: VaultHttp, monkeypatch: pytest.MonkeyPatch) -> None:
     script = Script(Reply(400, {"errors": ["bad"]}))
     monkeypatch.setattr(vh, "send", script)
-    assert vh.call("post", "p", "encrypt", {}, time.monotonic() + 5).status == 400
+    assert vh.call("POST", "p", "encrypt", {}, time.monotonic() + 5).status == 400
     assert len(script.tokens) == 1
     tls = Script(TlsFailure("TLS to Vault failed"))
     monkeypatch.setattr(vh, "send", tls)
     with pytest.raises(TlsFailure):
-        vh.call("post", "p", "encrypt", {}, time.monotonic() + 5)
+        vh.call("POST", "p", "encrypt", {}, time.monotonic() + 5)
     assert len(tls.tokens) == 1
 
 
@@ -97,18 +97,18 @@ def test_a_refused_token_is_replaced_once(vh: VaultHttp, monkeypatch: pytest.Mon
     script = Script(Reply(403, {"errors": ["permission denied"]}), OK)
     monkeypatch.setattr(vh, "send", script)
     tokens = Tokens()
-    assert vh.call("post", "p", "encrypt", {}, time.monotonic() + 5, auth=tokens).status == 200
+    assert vh.call("POST", "p", "encrypt", {}, time.monotonic() + 5, auth=tokens).status == 200
     assert script.tokens == ["tok-1", "tok-2"]
     # Refused again after the new login: the answer goes back to the caller, no login loop.
     denied = Script(Reply(403, {"errors": ["permission denied"]}))
     monkeypatch.setattr(vh, "send", denied)
-    assert vh.call("post", "p", "encrypt", {}, time.monotonic() + 5, auth=tokens).status == 403
+    assert vh.call("POST", "p", "encrypt", {}, time.monotonic() + 5, auth=tokens).status == 403
     assert tokens.refusals == 2 and len(denied.tokens) == 2
     # A token the source says is alive (a policy refusal) is not retried at all.
     alive = Tokens(relogin=False)
     policy = Script(Reply(403, {"errors": ["permission denied"]}))
     monkeypatch.setattr(vh, "send", policy)
-    assert vh.call("post", "p", "encrypt", {}, time.monotonic() + 5, auth=alive).status == 403
+    assert vh.call("POST", "p", "encrypt", {}, time.monotonic() + 5, auth=alive).status == 403
     assert policy.tokens == ["tok-1"]
 
 

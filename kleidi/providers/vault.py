@@ -140,13 +140,13 @@ class VaultProvider:
     def _encrypt(self, plaintext: bytes, deadline: float) -> Wrapped:
         version = self._version or self._refresh_key(deadline)
         payload = {"plaintext": base64.b64encode(plaintext).decode(), "key_version": version}
-        reply = self._call("post", self._encrypt_path, "encrypt", payload, deadline)
+        reply = self._call("POST", self._encrypt_path, "encrypt", payload, deadline)
         if reply.status == 400 and "version" in " ".join(reply.errors):
             # The version Status reports can no longer encrypt (min_encryption_version raised, key replaced):
             # learn the current one and use it; the health loop will show it in Status.
             log.warning("transit refused the key version; re-reading the key", extra={"version": version})
             payload["key_version"] = self._refresh_key(deadline)
-            reply = self._call("post", self._encrypt_path, "encrypt", payload, deadline)
+            reply = self._call("POST", self._encrypt_path, "encrypt", payload, deadline)
         if reply.status != 200:
             raise self._error(reply, "encrypt")
         ciphertext = reply.data().get("ciphertext")
@@ -162,7 +162,7 @@ class VaultProvider:
             raise InvalidInput("ciphertext is not a Vault transit ciphertext (vault:v<N>:<base64>)") from None
         if _CIPHERTEXT.fullmatch(text) is None:
             raise InvalidInput("ciphertext is not a Vault transit ciphertext (vault:v<N>:<base64>)")
-        reply = self._call("post", self._decrypt_path, "decrypt", {"ciphertext": text}, deadline)
+        reply = self._call("POST", self._decrypt_path, "decrypt", {"ciphertext": text}, deadline)
         if reply.status != 200:
             raise self._error(reply, "decrypt")
         encoded = reply.data().get("plaintext")
@@ -175,7 +175,7 @@ class VaultProvider:
 
     def _refresh_key(self, deadline: float) -> int:
         """Read the transit key; remember (and return) its latest version and the matching key_id."""
-        reply = self._call("get", self._read_path, "read_key", None, deadline)
+        reply = self._call("GET", self._read_path, "read_key", None, deadline)
         if reply.status != 200:
             raise self._error(reply, "read_key")
         data = reply.data()
@@ -210,6 +210,11 @@ class VaultProvider:
             return InvalidInput(f"Vault rejected the ciphertext: {reason}")
         if reply.status == 400:
             return InvalidInput(f"Vault rejected {operation} on {self._describe}: {reason}")
+        if 300 <= reply.status < 400:
+            return BackendUnavailable(
+                f"Vault redirected {operation} (HTTP {reply.status}): point address at the active node or a load"
+                " balancer in front of it, or enable request forwarding on standbys"
+            )
         if reply.status in (429,) or reply.status >= 500:
             return BackendUnavailable(self._http.transient_reason(reply))
         return BackendUnavailable(f"Vault answered {operation} on {self._describe} with HTTP {reply.status}: {reason}")

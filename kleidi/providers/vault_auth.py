@@ -98,7 +98,7 @@ class VaultAuth:
         token = self._token
         if token is not None and self._method != "token":
             with contextlib.suppress(KleidiError):
-                self._http.send("post", "auth/token/revoke-self", "revoke", token.value, None, 1.0)
+                self._http.send("POST", "auth/token/revoke-self", "revoke", token.value, None, 1.0)
         self._token = None
 
     def ttl_left(self) -> float | None:
@@ -128,7 +128,7 @@ class VaultAuth:
         if token.generation != self._generation:
             return True  # another caller already logged in again
         try:
-            reply = self._http.send("get", "auth/token/lookup-self", "lookup", token.value, None, self._config.timeout)
+            reply = self._http.send("GET", "auth/token/lookup-self", "lookup", token.value, None, self._config.timeout)
         except BackendUnavailable:
             return False
         if reply.status == 200:
@@ -178,7 +178,7 @@ class VaultAuth:
         if self._method == "token":
             return self._use_configured_token(deadline)
         payload = self._login_payload()
-        reply = self._http.call("post", f"auth/{self._mount}/login", "login", payload, deadline)
+        reply = self._http.call("POST", f"auth/{self._mount}/login", "login", payload, deadline)
         if reply.status in (400, 401, 403):
             raise AuthFailed(f"{self._method} login at auth/{self._mount} refused: {self._http.reason(reply)}")
         if reply.status != 200:
@@ -195,7 +195,7 @@ class VaultAuth:
 
     def _use_configured_token(self, deadline: float) -> VaultToken:
         value = self._secret(self._auth.token_file, self._auth.token_env, "vault token")
-        reply = self._http.call("get", "auth/token/lookup-self", "lookup", None, deadline, auth=_Fixed(value))
+        reply = self._http.call("GET", "auth/token/lookup-self", "lookup", None, deadline, auth=_Fixed(value))
         where = f"token_file {self._auth.token_file}" if self._auth.token_file else f"${self._auth.token_env}"
         if reply.status in (401, 403):
             raise AuthFailed(f"the token from {where} is invalid, expired or revoked (lookup-self refused)")
@@ -217,6 +217,7 @@ class VaultAuth:
             for path in (auth.client_cert, auth.client_key):
                 if path and not Path(path).is_file():
                     raise AuthFailed(f"vault cert login: cannot read {path}")
+            self._http.reload_tls()  # the certificate may have been renewed on disk since the last login
             return {"name": auth.role} if auth.role else {}
         raise AssertionError(f"unknown auth method {self._method}")
 
@@ -284,7 +285,7 @@ class VaultAuth:
             return
         deadline = time.monotonic() + self._config.timeout
         try:
-            reply = self._http.send("post", "auth/token/renew-self", "renew", token.value, {}, self._config.timeout)
+            reply = self._http.send("POST", "auth/token/renew-self", "renew", token.value, {}, self._config.timeout)
         except BackendUnavailable:
             self._metrics.vault_renewals.labels("error").inc()
             raise

