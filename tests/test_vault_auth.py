@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import hvac.exceptions
 import pytest
 
 from kleidi.config import VaultConfig
@@ -263,3 +264,21 @@ def test_max_ttl_forces_a_new_login_without_failing_requests(
     assert errors == []
     assert calls > 10
     assert sample(metrics, "kleidi_vault_token_renewals_total", result="ok") >= 1
+
+
+def test_close_revokes_a_login_token_but_never_a_configured_one(
+    bao: OpenBao, key: tuple[str, str], tmp_path: Path, make_provider: Factory
+) -> None:
+    role = Approle(bao, key[1], tmp_path)
+    provider, _ = make_provider(role.auth())
+    provider.check()
+    login_token = current_token(provider)
+    provider.close()
+    with pytest.raises(hvac.exceptions.Forbidden):
+        bao.client(login_token).auth.token.lookup_self()
+    configured = bao.token([key[1]], ttl="1h")
+    (tmp_path / "token").write_text(configured)
+    provider, _ = make_provider({"method": "token", "token_file": str(tmp_path / "token")})
+    provider.check()
+    provider.close()
+    assert bao.client(configured).auth.token.lookup_self()["data"]["ttl"] > 0
