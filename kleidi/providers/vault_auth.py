@@ -266,8 +266,7 @@ class VaultAuth:
                 if plan[1] == "renew":
                     self._renew()
                 else:
-                    with self._lock:
-                        self._stale = True
+                    with self._lock:  # the current token keeps serving requests until the new one is in
                         self._login_locked(time.monotonic() + self._config.timeout)
             except KleidiError as exc:
                 left = self.ttl_left()
