@@ -20,7 +20,7 @@ from kleidi.config import VaultConfig
 from kleidi.errors import AuthFailed, BackendUnavailable, ConfigError, IntegrityError, InvalidInput, KeyNotFound
 from kleidi.observability import Metrics
 from kleidi.providers.vault import VaultProvider
-from tests.backends.openbao import OpenBao, free_port, shared_dev_server, unique, vault_section, wait_for
+from tests.backends.openbao import OpenBao, free_port, policy_hcl, shared_dev_server, unique, vault_section, wait_for
 
 
 @dataclass
@@ -315,3 +315,34 @@ def test_concurrent_calls_share_one_login(setup: Setup) -> None:
     assert setup.sample("kleidi_vault_request_duration_seconds_count", operation="encrypt") == 64
     assert setup.sample("kleidi_backend_duration_seconds_count", provider="vault", operation="decrypt") == 64
     assert setup.token.encode() not in setup.metrics.render()
+
+
+def test_namespace_login_and_transit_stay_inside_the_namespace(
+    bao: OpenBao, tmp_path: Path, make_provider: Factory
+) -> None:
+    namespace = unique("ns")
+    bao.write(f"sys/namespaces/{namespace}")
+    admin = hvac.Client(url=bao.address, token=bao.root_token, namespace=namespace)
+    admin.sys.enable_secrets_engine("transit", path="transit")
+    admin.secrets.transit.create_key("kleidi")
+    admin.sys.create_or_update_policy("kleidi", policy_hcl("kleidi"))
+    admin.sys.enable_auth_method("approle")
+    admin.adapter.post("/v1/auth/approle/role/kleidi", json={"token_policies": ["kleidi"], "token_ttl": "1h"})
+    (tmp_path / "role-id").write_text(admin.adapter.get("/v1/auth/approle/role/kleidi/role-id")["data"]["role_id"])
+    secret = admin.adapter.post("/v1/auth/approle/role/kleidi/secret-id", json={})
+    (tmp_path / "secret-id").write_text(secret["data"]["secret_id"])
+    auth = {
+        "method": "approle",
+        "role_id_file": str(tmp_path / "role-id"),
+        "secret_id_file": str(tmp_path / "secret-id"),
+    }
+    provider = make_provider(vault_section(bao, "kleidi", auth, namespace=namespace))
+    provider.check()
+    digest = hashlib.sha256(f"{bao.address}|{namespace}|transit|kleidi".encode()).hexdigest()[:16]
+    assert provider.key_id() == f"vault:{digest}:v1"
+    seed = os.urandom(32)
+    wrapped = provider.encrypt(seed, "uid")
+    assert provider.decrypt(wrapped.ciphertext, wrapped.key_id, {}, "uid") == seed
+    # The namespace's key is not the root namespace's: its ciphertext means nothing there.
+    with pytest.raises(hvac.exceptions.VaultError):
+        bao.client().secrets.transit.decrypt_data("kleidi", wrapped.ciphertext.decode())
