@@ -20,8 +20,10 @@ from kleidi.config import VaultConfig
 from kleidi.errors import BackendUnavailable
 from kleidi.observability import Metrics
 
-# Connections kept open to Vault. More than the gRPC worker pool would ever use at once.
+# Idle connections kept open to Vault (busy ones are not limited: a burst opens more, then closes the extra).
 _POOL_SIZE = 32
+# Credentials the redactor remembers: the current ones and a few before them (older tokens have expired).
+_REMEMBERED_SECRETS = 32
 
 # Statuses worth another attempt: rate limited, Vault internal error, bad gateway, sealed/standby, gateway timeout.
 TRANSIENT_STATUSES = frozenset({412, 429, 500, 502, 503, 504})
@@ -63,13 +65,16 @@ class Redactor:
     """Removes secrets kleidi knows (tokens, secret-ids, JWTs) and anything shaped like one from a message."""
 
     def __init__(self) -> None:
-        self._secrets: set[str] = set()
+        self._secrets: dict[str, None] = {}  # insertion-ordered set
         self._lock = threading.Lock()
 
     def add(self, secret: str) -> None:
         if len(secret) >= 4:
             with self._lock:
-                self._secrets.add(secret)
+                self._secrets.pop(secret, None)
+                self._secrets[secret] = None
+                while len(self._secrets) > _REMEMBERED_SECRETS:
+                    del self._secrets[next(iter(self._secrets))]
 
     def clean(self, text: str) -> str:
         with self._lock:
