@@ -123,7 +123,8 @@ def test_unavailable_backend_maps_to_unavailable_and_the_deadline_reaches_the_pr
         client.encrypt(os.urandom(32))
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "backend down for the test" in info.value.details()
     deadline = provider.deadlines[-1]
-    assert deadline is not None and 0 < deadline - time.monotonic() <= 2.0
+    # the provider got the caller's 2 s deadline (give or take scheduling), not none and not its own
+    assert deadline is not None and 0 < deadline - time.monotonic() <= 2.1
 
 
 def test_stop_releases_everything(tmp_path: Path, running: tuple[KleidiServer, FaultyProvider, KmsClient]) -> None:

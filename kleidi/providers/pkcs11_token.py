@@ -219,6 +219,13 @@ class Token:
                 first.login(pin)
             except PyKCS11.PyKCS11Error as exc:
                 if exc.value in PIN_REJECTED:
+                    # A locked token refuses every PIN, the right one too, and a TPM's lockout ends by itself:
+                    # trying again later cannot count against it, so only a refused PIN is remembered.
+                    if exc.value == PyKCS11.CKR_PIN_LOCKED:
+                        raise AuthFailed(
+                            f"token {cfg.token_label!r} is locked (CKR_PIN_LOCKED): too many wrong PINs. kleidi "
+                            "tries again at each health check; a TPM unlocks by itself, an HSM needs its SO"
+                        ) from None
                     self._rejected_pin = digest
                     raise AuthFailed(
                         f"token {cfg.token_label!r} refused the PIN ({ckr_name(exc)}); not retrying it so the "
