@@ -46,40 +46,15 @@ class SoftHsm:
         """Generate a secret key on the token; ``key_type`` is pkcs11-tool's (AES:32, GENERIC:32)."""
         key_id = f"{self._next_id:02x}"
         self._next_id += 1
-        self._run(
-            "pkcs11-tool",
-            "--module",
-            self.module,
-            "--token-label",
-            self.label,
-            "--login",
-            "--pin",
-            self.pin,
-            "--keygen",
-            "--key-type",
-            key_type,
-            "--label",
-            label,
-            "--id",
-            key_id,
-        )
+        self._tool("--keygen", "--key-type", key_type, "--label", label, "--id", key_id)
 
     def delete_key(self, label: str) -> None:
-        self._run(
-            "pkcs11-tool",
-            "--module",
-            self.module,
-            "--token-label",
-            self.label,
-            "--login",
-            "--pin",
-            self.pin,
-            "--delete-object",
-            "--type",
-            "secrkey",
-            "--label",
-            label,
-        )
+        self._tool("--delete-object", "--type", "secrkey", "--label", label)
+
+    def _tool(self, *args: str) -> str:
+        """pkcs11-tool, logged in to this token (test-only: the PIN is in its argv)."""
+        login = ("--module", self.module, "--token-label", self.label, "--login", "--pin", self.pin)
+        return self._run("pkcs11-tool", *login, *args)
 
     def config(self, key_label: str, **extra: object) -> dict[str, object]:
         """The pkcs11 section of a kleidi config for this token."""
