@@ -149,3 +149,11 @@ def test_duplicate_current_label_is_a_clear_error(hsm: SoftHsm) -> None:
     with pytest.raises(Exception, match="2 secret keys carry the label 'kek-1'"):
         provider.check()
     provider.close()
+
+
+def test_the_current_kek_must_be_aes_256(hsm: SoftHsm) -> None:
+    hsm.keygen("kek-128", "AES:16")
+    provider = _provider(hsm, key_label="kek-128")
+    with pytest.raises(Exception, match="'kek-128' is AES with 16 bytes; the KEK must be an AES-256 key"):
+        provider.check()
+    provider.close()

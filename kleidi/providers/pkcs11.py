@@ -231,6 +231,7 @@ class Pkcs11Provider:
                 )
             handles.append(found[0])
         aes, mac = handles[0], handles[1] if len(handles) > 1 else None
+        self._require_aes256(sess, aes)
         ref = KeyRef(self._mechanism, self._labels, self._fingerprint(sess, aes, mac))
         kek = _Kek(ref, sess.conn, aes, mac)
         self._keks[ref] = kek
@@ -239,6 +240,15 @@ class Pkcs11Provider:
         self._current = kek
         self._key_id = kek.key_id
         return kek
+
+    def _require_aes256(self, sess: Session, aes: Any) -> None:
+        """New data is wrapped only under AES-256; an older, weaker key may still decrypt what it wrote."""
+        key_type, size = sess.raw.getAttributeValue(aes, [PyKCS11.CKA_KEY_TYPE, PyKCS11.CKA_VALUE_LEN])
+        if key_type != PyKCS11.CKK_AES or size != 32:
+            kind = "AES" if key_type == PyKCS11.CKK_AES else str(PyKCS11.CKK.get(key_type, key_type))
+            raise ConfigError(
+                f"key {self._labels[0]!r} is {kind} with {size or '?'} bytes; the KEK must be an AES-256 key"
+            )
 
     def _fingerprint(self, sess: Session, aes: Any, mac: Any) -> bytes:
         try:
