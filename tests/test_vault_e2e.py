@@ -94,7 +94,7 @@ def test_status_encrypt_decrypt_agree(serving: KleidiProcess) -> None:
     with serving.client() as kms:
         status = kms.status()
         assert (status.version, status.healthz) == ("v2", "ok")
-        assert status.key_id.startswith("vault:") and status.key_id.endswith(":v1")
+        assert re.fullmatch(r"vault:[0-9a-f]{16}:v1:[0-9a-f]{8}", status.key_id)
         seed = os.urandom(32)
         answer = kms.encrypt(seed, uid="uid-1")
         assert answer.key_id == status.key_id
@@ -134,7 +134,7 @@ def test_rotation_shows_in_status_within_one_health_interval(
         old = kms.encrypt(seed)
         version = bao.rotate_key(deployment.key)
         status = wait_for(lambda: (s := kms.status()).key_id != before and s, 3, "Status to show the rotation")
-        assert status.key_id.endswith(f":v{version}") and status.healthz == "ok"
+        assert f":v{version}:" in status.key_id and status.healthz == "ok"
         fresh = kms.encrypt(os.urandom(32))
         assert fresh.key_id == status.key_id
         assert fresh.ciphertext.startswith(f"vault:v{version}:".encode())

@@ -84,7 +84,9 @@ def flip_bit(ciphertext: bytes, index: int) -> bytes:
 
 def expected_key_id(bao: OpenBao, key: str, version: int, mount: str = "transit") -> str:
     digest = hashlib.sha256(f"{bao.address}||{mount}|{key}".encode()).hexdigest()[:16]
-    return f"vault:{digest}:v{version}"
+    # the version's creation time keeps a re-created key from reusing an old key_id
+    created = bao.client().secrets.transit.read_key(key, mount_point=mount)["data"]["keys"][str(version)]
+    return f"vault:{digest}:v{version}:{hashlib.sha256(str(created).encode()).hexdigest()[:8]}"
 
 
 def test_round_trip_key_id_and_ciphertext_shape(setup: Setup) -> None:
@@ -339,10 +341,24 @@ def test_namespace_login_and_transit_stay_inside_the_namespace(
     provider = make_provider(vault_section(bao, "kleidi", auth, namespace=namespace))
     provider.check()
     digest = hashlib.sha256(f"{bao.address}|{namespace}|transit|kleidi".encode()).hexdigest()[:16]
-    assert provider.key_id() == f"vault:{digest}:v1"
+    created = admin.secrets.transit.read_key("kleidi")["data"]["keys"]["1"]
+    assert provider.key_id() == f"vault:{digest}:v1:{hashlib.sha256(str(created).encode()).hexdigest()[:8]}"
     seed = os.urandom(32)
     wrapped = provider.encrypt(seed, "uid")
     assert provider.decrypt(wrapped.ciphertext, wrapped.key_id, {}, "uid") == seed
     # The namespace's key is not the root namespace's: its ciphertext means nothing there.
     with pytest.raises(hvac.exceptions.VaultError):
         bao.client().secrets.transit.decrypt_data("kleidi", wrapped.ciphertext.decode())
+
+
+def test_a_recreated_key_never_reuses_a_key_id(setup: Setup, bao: OpenBao, make_provider: Factory) -> None:
+    setup.provider.check()
+    before = setup.provider.key_id()
+    client = bao.client()
+    client.secrets.transit.update_key_configuration(setup.key, deletion_allowed=True)
+    client.secrets.transit.delete_key(setup.key)
+    time.sleep(1.1)  # transit stamps versions with whole seconds
+    client.secrets.transit.create_key(setup.key)
+    again = make_provider(vault_section(bao, setup.key, {"method": "token", "token_file": str(setup.token_file)}))
+    again.check()
+    assert again.key_id().startswith(before.rsplit(":", 1)[0] + ":") and again.key_id() != before

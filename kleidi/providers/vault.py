@@ -39,7 +39,9 @@ _HEALTH_UID = "kleidi-health-check"
 class VaultProvider:
     """KEKs are the versions of one transit key; the ciphertext is transit's own ``vault:vN:...`` string.
 
-    key_id is ``vault:<hash of address, namespace, mount and key name>:v<latest version>``. ``check`` reads the
+    key_id is ``vault:<hash of address, namespace, mount and key name>:v<latest version>:<hash of that version's
+    creation time>``; the last part keeps a key deleted and re-created under the same name from reusing an old
+    key_id. ``check`` reads the
     key's latest version, so a rotation in Vault shows in Status within one health interval; Encrypt asks transit
     for exactly that version, so its key_id always agrees with Status. Decrypt takes the version from the
     ciphertext, so data written under any version Vault still allows decrypts."""
@@ -61,6 +63,8 @@ class VaultProvider:
         self._key_prefix = "vault:" + hashlib.sha256(identity.encode()).hexdigest()[:16] + ":v"
         self._version = 0
         self._key_id = ""
+        # Creation time of each key version, as transit reports it: part of that version's key_id.
+        self._created: dict[int, str] = {}
         self._key_lock = threading.Lock()
         self._seconds = {op: metrics.backend_seconds.labels(self.name, op) for op in ("encrypt", "decrypt", "check")}
         self._auth.start()
@@ -71,8 +75,11 @@ class VaultProvider:
         return self._key_id
 
     def key_id_for(self, version: int) -> str:
-        """The key_id of one version of the configured transit key."""
-        return f"{self._key_prefix}{version}"
+        """The key_id of one version of the configured transit key (known once the key has been read)."""
+        created = self._created.get(version)
+        if created is None:
+            raise BackendUnavailable(f"{self._describe}: version {version} is not in the key's version list")
+        return f"{self._key_prefix}{version}:{hashlib.sha256(created.encode()).hexdigest()[:8]}"
 
     def encrypt(self, plaintext: bytes, uid: str, deadline: float | None = None) -> Wrapped:
         started = time.perf_counter()
@@ -153,7 +160,10 @@ class VaultProvider:
         match = _CIPHERTEXT.fullmatch(ciphertext) if isinstance(ciphertext, str) else None
         if match is None or not isinstance(ciphertext, str):
             raise BackendUnavailable(f"{self._describe}: encrypt answered without a transit ciphertext")
-        return Wrapped(ciphertext.encode("ascii"), self.key_id_for(int(match.group(1))))
+        version = int(match.group(1))
+        if version not in self._created:  # rotated since the last read: learn the new version's key_id
+            self._refresh_key(deadline)
+        return Wrapped(ciphertext.encode("ascii"), self.key_id_for(version))
 
     def _decrypt(self, ciphertext: bytes, deadline: float) -> bytes:
         try:
@@ -186,7 +196,16 @@ class VaultProvider:
         latest = data.get("latest_version")
         if not isinstance(latest, int) or latest < 1:
             raise BackendUnavailable(f"{self._describe}: key read answered without a latest_version")
+        created = {}
+        for number, info in (data.get("keys") or {}).items():
+            # symmetric keys report a Unix time, asymmetric ones an object with creation_time
+            stamp = info.get("creation_time") if isinstance(info, dict) else info
+            if str(number).isdigit() and stamp is not None:
+                created[int(number)] = str(stamp)
+        if latest not in created:
+            raise BackendUnavailable(f"{self._describe}: key read did not list version {latest}")
         with self._key_lock:
+            self._created.update(created)
             if latest != self._version:
                 if self._version:
                     log.info("transit key rotated", extra={"from_version": self._version, "to_version": latest})
