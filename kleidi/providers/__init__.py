@@ -8,7 +8,7 @@ from kleidi.providers.base import Provider
 
 
 def build(config: Config, metrics: Metrics) -> Provider:
-    """The provider the config selects. Imported lazily so a PKCS#11 node never loads hvac and vice versa."""
+    """The provider the config selects. Imported lazily so a node loads only the backend it uses."""
     if config.provider == "pkcs11":
         from kleidi.providers.pkcs11 import Pkcs11Provider
 
