@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -32,21 +33,28 @@ T = TypeVar("T")
 
 
 class _Call:
-    """Runs one RPC: deadline, metrics, the error-to-status mapping and the request log line."""
+    """Runs one RPC: deadline, metrics, the error-to-status mapping and the request log line.
 
-    def __init__(self, metrics: Metrics, health: HealthMonitor, api: str) -> None:
+    The backend work runs on the worker pool, never on the event loop, so a slow or hung backend never
+    delays Status or other callers' RPCs; the loop only parses, dispatches and answers."""
+
+    def __init__(self, metrics: Metrics, health: HealthMonitor, api: str, pool: futures.ThreadPoolExecutor) -> None:
         self._metrics = metrics
         self._health = health
         self._api = api
+        self._pool = pool
         self._latency = {m: metrics.request_seconds.labels(api, m) for m in ("Encrypt", "Decrypt", "Status", "Version")}
+        self._ok = {m: metrics.requests.labels(api, m, "OK") for m in ("Encrypt", "Decrypt")}
 
-    def run(self, method: str, uid: str, context: grpc.ServicerContext, body: Callable[[float | None], T]) -> T:
+    async def run(
+        self, method: str, uid: str, context: grpc.aio.ServicerContext, body: Callable[[float | None], T]
+    ) -> T:
         started = time.perf_counter()
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         code = grpc.StatusCode.OK
         try:
-            return body(deadline)
+            return await _offload(self._pool, body, deadline)
         except KleidiError as exc:
             code = exc.code
             log.warning(
@@ -55,23 +63,53 @@ class _Call:
             )
             if code == grpc.StatusCode.UNAVAILABLE:
                 self._health.poke()
-            context.abort(code, str(exc))
+            await context.abort(code, str(exc))
             raise AssertionError("unreachable") from None  # abort() always raises
         except Exception:
             code = grpc.StatusCode.INTERNAL
             log.error("request crashed", exc_info=True, extra={"api": self._api, "method": method, "uid": uid})
-            context.abort(code, "internal error; see the plugin log")
+            await context.abort(code, "internal error; see the plugin log")
             raise AssertionError("unreachable") from None
         finally:
             elapsed = time.perf_counter() - started
             self._latency[method].observe(elapsed)
-            self._metrics.requests.labels(self._api, method, code.name).inc()
+            if code == grpc.StatusCode.OK:
+                self._ok[method].inc()
+            else:
+                self._metrics.requests.labels(self._api, method, code.name).inc()
             # One line per request only at debug: KMS v2 calls are rare in real life, but a decrypt burst
             # after an apiserver restart should not be slowed down by logging.
             if code == grpc.StatusCode.OK and log.isEnabledFor(logging.DEBUG):
                 log.debug(
                     "request", extra={"api": self._api, "method": method, "uid": uid, "ms": round(elapsed * 1000, 3)}
                 )
+
+
+async def _offload(pool: futures.ThreadPoolExecutor, body: Callable[[float | None], T], deadline: float | None) -> T:
+    """Run ``body(deadline)`` on the worker pool and await it. Leaner than run_in_executor (no
+    concurrent.futures.Future chained to an asyncio one): this hop is on every Encrypt and Decrypt."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def job() -> None:
+        try:
+            result = body(deadline)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, done, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, done, result, None)
+
+    pool.submit(job)
+    return await done
+
+
+def _settle(done: asyncio.Future[T], result: T | None, exc: BaseException | None) -> None:
+    if done.cancelled():  # the caller went away (deadline, cancellation) while the backend worked
+        return
+    if exc is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(result)  # type: ignore[arg-type]
 
 
 def _check_plaintext(plaintext: bytes) -> None:
@@ -89,21 +127,25 @@ def _check_ciphertext(ciphertext: bytes) -> None:
 class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
     """v2.KeyManagementService: Status from the cached health state; Encrypt/Decrypt through the provider."""
 
-    def __init__(self, provider: Provider, health: HealthMonitor, metrics: Metrics) -> None:
+    def __init__(
+        self, provider: Provider, health: HealthMonitor, metrics: Metrics, pool: futures.ThreadPoolExecutor
+    ) -> None:
         self._provider = provider
         self._health = health
-        self._call = _Call(metrics, health, contract.KMS_V2)
+        self._call = _Call(metrics, health, contract.KMS_V2, pool)
         self._status_for: Any = None
         self._status: v2_pb2.StatusResponse = v2_pb2.StatusResponse()
 
-    def Status(self, request: v2_pb2.StatusRequest, context: grpc.ServicerContext) -> v2_pb2.StatusResponse:
+    async def Status(self, request: v2_pb2.StatusRequest, context: grpc.aio.ServicerContext) -> v2_pb2.StatusResponse:
         state = self._health.state
         if state is not self._status_for:  # rebuilt only when the health loop publishes a new state
             self._status = v2_pb2.StatusResponse(version=contract.KMS_V2, healthz=state.reason, key_id=state.key_id)
             self._status_for = state
         return self._status
 
-    def Encrypt(self, request: v2_pb2.EncryptRequest, context: grpc.ServicerContext) -> v2_pb2.EncryptResponse:
+    async def Encrypt(
+        self, request: v2_pb2.EncryptRequest, context: grpc.aio.ServicerContext
+    ) -> v2_pb2.EncryptResponse:
         def body(deadline: float | None) -> v2_pb2.EncryptResponse:
             _check_plaintext(request.plaintext)
             wrapped = self._provider.encrypt(request.plaintext, request.uid, deadline)
@@ -118,9 +160,11 @@ class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
                 ciphertext=wrapped.ciphertext, key_id=wrapped.key_id, annotations=dict(wrapped.annotations)
             )
 
-        return self._call.run("Encrypt", request.uid, context, body)
+        return await self._call.run("Encrypt", request.uid, context, body)
 
-    def Decrypt(self, request: v2_pb2.DecryptRequest, context: grpc.ServicerContext) -> v2_pb2.DecryptResponse:
+    async def Decrypt(
+        self, request: v2_pb2.DecryptRequest, context: grpc.aio.ServicerContext
+    ) -> v2_pb2.DecryptResponse:
         def body(deadline: float | None) -> v2_pb2.DecryptResponse:
             _check_ciphertext(request.ciphertext)
             annotations: Mapping[str, bytes] = request.annotations
@@ -131,36 +175,38 @@ class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
             plaintext = self._provider.decrypt(request.ciphertext, request.key_id, annotations, request.uid, deadline)
             return v2_pb2.DecryptResponse(plaintext=plaintext)
 
-        return self._call.run("Decrypt", request.uid, context, body)
+        return await self._call.run("Decrypt", request.uid, context, body)
 
 
 class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):
     """v1beta1.KeyManagementService, for clusters migrating off KMS v1 plugins."""
 
-    def __init__(self, provider: Provider, health: HealthMonitor, metrics: Metrics) -> None:
+    def __init__(
+        self, provider: Provider, health: HealthMonitor, metrics: Metrics, pool: futures.ThreadPoolExecutor
+    ) -> None:
         self._provider = provider
-        self._call = _Call(metrics, health, contract.KMS_V1)
+        self._call = _Call(metrics, health, contract.KMS_V1, pool)
         self._version = v1beta1_pb2.VersionResponse(
             version=contract.KMS_V1, runtime_name="kleidi", runtime_version=__version__
         )
 
-    def Version(self, request: v1beta1_pb2.VersionRequest, context: grpc.ServicerContext) -> Any:
+    async def Version(self, request: v1beta1_pb2.VersionRequest, context: grpc.aio.ServicerContext) -> Any:
         return self._version
 
-    def Encrypt(self, request: v1beta1_pb2.EncryptRequest, context: grpc.ServicerContext) -> Any:
+    async def Encrypt(self, request: v1beta1_pb2.EncryptRequest, context: grpc.aio.ServicerContext) -> Any:
         def body(deadline: float | None) -> v1beta1_pb2.EncryptResponse:
             _check_plaintext(request.plain)
             wrapped = self._provider.encrypt(request.plain, "", deadline)
             return v1beta1_pb2.EncryptResponse(cipher=wrapped.ciphertext)
 
-        return self._call.run("Encrypt", "", context, body)
+        return await self._call.run("Encrypt", "", context, body)
 
-    def Decrypt(self, request: v1beta1_pb2.DecryptRequest, context: grpc.ServicerContext) -> Any:
+    async def Decrypt(self, request: v1beta1_pb2.DecryptRequest, context: grpc.aio.ServicerContext) -> Any:
         def body(deadline: float | None) -> v1beta1_pb2.DecryptResponse:
             _check_ciphertext(request.cipher)
             return v1beta1_pb2.DecryptResponse(plain=self._provider.decrypt(request.cipher, "", {}, "", deadline))
 
-        return self._call.run("Decrypt", "", context, body)
+        return await self._call.run("Decrypt", "", context, body)
 
 
 class KleidiServer:
@@ -171,8 +217,11 @@ class KleidiServer:
         self.metrics = Metrics()
         self.provider = provider if provider is not None else build(config, self.metrics)
         self.health = HealthMonitor(self.provider, config.health_interval, self.metrics)
-        self._grpc: grpc.Server | None = None
+        self._grpc: grpc.aio.Server | None = None
         self._probes: ProbeServer | None = None
+        self._pool: futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
         self._inode = 0
         self._stopped = threading.Event()
 
@@ -189,27 +238,15 @@ class KleidiServer:
                 raise ConfigError(f"metrics_listen: cannot listen on {cfg.metrics_listen}: {exc.strerror}") from None
             self._probes.start()
         self.health.start()
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="kleidi-rpc"),
-            options=[
-                ("grpc.max_receive_message_length", cfg.max_request_bytes),
-                ("grpc.max_send_message_length", cfg.max_request_bytes),
-                ("grpc.so_reuseport", 0),
-            ],
-            maximum_concurrent_rpcs=cfg.workers * 16,
-        )
-        v2_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            KmsV2Servicer(self.provider, self.health, self.metrics), server
-        )
-        v1beta1_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            KmsV1Servicer(self.provider, self.health, self.metrics), server
-        )
+        self._pool = futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="kleidi-backend")
+        # gRPC runs on an asyncio loop of its own thread; the caller keeps a plain blocking API (start/stop).
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self._loop.run_forever, name="kleidi-grpc", daemon=True)
+        self._loop_thread.start()
         # The socket must never exist with a wider mode than configured, not even for an instant.
         old_umask = os.umask(0o177)
         try:
-            server.add_insecure_port(f"unix:{path}")
-            server.start()
-            self._grpc = server
+            self._grpc = asyncio.run_coroutine_threadsafe(self._start_grpc(path, self._pool), self._loop).result(30)
         finally:
             os.umask(old_umask)
         self._inode = os.lstat(path).st_ino
@@ -224,6 +261,26 @@ class KleidiServer:
             },
         )
 
+    async def _start_grpc(self, path: str, pool: futures.ThreadPoolExecutor) -> grpc.aio.Server:
+        cfg = self.config
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", cfg.max_request_bytes),
+                ("grpc.max_send_message_length", cfg.max_request_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+            maximum_concurrent_rpcs=cfg.workers * 16,
+        )
+        v2_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            KmsV2Servicer(self.provider, self.health, self.metrics, pool), server
+        )
+        v1beta1_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            KmsV1Servicer(self.provider, self.health, self.metrics, pool), server
+        )
+        server.add_insecure_port(f"unix:{path}")
+        await server.start()
+        return server
+
     def _probe_health(self) -> tuple[bool, str]:
         state = self.health.state
         return state.ok, state.reason
@@ -237,9 +294,19 @@ class KleidiServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        if self._grpc is not None:
-            self._grpc.stop(self.config.shutdown_grace).wait()
-            unixsocket.remove(self.config.socket_path, self._inode)
+        loop = self._loop
+        if loop is not None:
+            if self._grpc is not None:
+                stopping = asyncio.run_coroutine_threadsafe(self._grpc.stop(self.config.shutdown_grace), loop)
+                stopping.result(self.config.shutdown_grace + 10)
+                unixsocket.remove(self.config.socket_path, self._inode)
+            loop.call_soon_threadsafe(loop.stop)
+            if self._loop_thread is not None:
+                self._loop_thread.join(10)
+            if not loop.is_running():
+                loop.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         if self._probes is not None:
             self._probes.stop()
         self.health.stop()
