@@ -133,6 +133,9 @@ def _check_v2(client: KmsClient, report: Report) -> None:
         results = list(pool.map(lambda s: client.decrypt(client.encrypt(s).ciphertext, status.key_id), seeds))
     wrong = sum(1 for got, want in zip(results, seeds, strict=True) if got != want)
     report.step("16 concurrent round trips", [f"{wrong} concurrent round trips gave a wrong answer"] if wrong else [])
+    again = client.status()
+    problems = [] if again.version == status.version else [f"version changed from {status.version} to {again.version}"]
+    report.step("Status version is stable", problems)
 
 
 def _check_v1(client: KmsClient, report: Report) -> None:
