@@ -22,11 +22,13 @@ class FaultyProvider:
     """Wraps by XOR with a fixed pad; each fault is switched on by the test."""
 
     name = "faulty"
+    inline_safe = False
 
     def __init__(self) -> None:
         self.check_blocks = threading.Event()
         self.release = threading.Event()
         self.stuck = threading.Event()
+        self.encrypt_blocks = False
         self.crash = False
         self.oversize = False
         self.unavailable = False
@@ -37,6 +39,9 @@ class FaultyProvider:
 
     def encrypt(self, plaintext: bytes, uid: str, deadline: float | None = None) -> Wrapped:
         self.deadlines.append(deadline)
+        if self.encrypt_blocks:
+            self.stuck.set()
+            self.release.wait(30)
         if self.crash:
             raise RuntimeError("secret-detail-that-must-not-leak")
         if self.unavailable:
@@ -132,3 +137,19 @@ def test_stop_releases_everything(tmp_path: Path, running: tuple[KleidiServer, F
     server.stop()
     assert not os.path.exists(server.config.socket_path)
     assert provider.release.is_set()
+
+
+def test_a_hung_backend_call_does_not_stall_status(running: tuple[KleidiServer, FaultyProvider, KmsClient]) -> None:
+    _, provider, client = running
+    provider.encrypt_blocks = True
+    answers: list[object] = []
+    hung = threading.Thread(target=lambda: answers.append(client.encrypt(b"s" * 32).ciphertext))
+    hung.start()
+    assert provider.stuck.wait(5)  # a worker thread is now inside encrypt() and will not come back soon
+    started = time.monotonic()
+    assert client.status().healthz == "ok"
+    assert client.decrypt(bytes(b ^ 0x5A for b in b"k" * 32)) == b"k" * 32
+    assert time.monotonic() - started < 1.0
+    provider.release.set()
+    hung.join(10)
+    assert answers == [bytes(b ^ 0x5A for b in b"s" * 32)]  # the hung call still completes once released

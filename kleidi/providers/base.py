@@ -31,6 +31,9 @@ class Provider(Protocol):
     """
 
     name: str
+    # True only if encrypt/decrypt finish in well under a millisecond and cannot block on a network or a
+    # device: the server then calls them on its event loop instead of handing them to a worker thread.
+    inline_safe: bool
 
     def key_id(self) -> str:
         """The current KEK identity, from memory."""

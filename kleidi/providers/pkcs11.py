@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import PyKCS11
+import PyKCS11.LowLevel as _LowLevel
 
 from kleidi.config import Pkcs11Config
 from kleidi.errors import (
@@ -53,7 +54,7 @@ _KCV_MESSAGE = b"kleidi key check value"
 class _Kek:
     """Object handles of one KEK on the current connection, with its reference and prebuilt header."""
 
-    __slots__ = ("aes", "conn", "header", "key_id", "mac", "ref")
+    __slots__ = ("aad", "aes", "conn", "header", "key_id", "mac", "ref")
 
     def __init__(self, ref: KeyRef, conn: object, aes: Any, mac: Any) -> None:
         self.ref = ref
@@ -61,7 +62,29 @@ class _Kek:
         self.aes = aes
         self.mac = mac
         self.header = ref.header()
+        self.aad = PyKCS11.ckbytelist(self.header)  # the GCM associated data, converted once per KEK
         self.key_id = ref.key_id
+
+
+class _Gcm:
+    """CKM_AES_GCM parameters built straight from PyKCS11's low-level types, reusing the KEK's converted
+    header: AES_GCM_Mechanism converts both IV and AAD on every call, a measurable share of a SoftHSM call."""
+
+    __slots__ = ("_iv", "_mech", "_params")
+
+    def __init__(self, iv: bytes, aad: Any) -> None:
+        self._iv = PyKCS11.ckbytelist(iv)
+        params = self._params = _LowLevel.CK_GCM_PARAMS()
+        params.pIv, params.ulIvLen = self._iv, len(iv)
+        params.pAAD, params.ulAADLen = aad, len(aad)
+        params.ulTagBits = GCM_TAG_BYTES * 8
+        mech = self._mech = _LowLevel.CK_MECHANISM()
+        mech.mechanism = PyKCS11.CKM_AES_GCM
+        mech.pParameter = params
+        mech.ulParameterLen = _LowLevel.CK_GCM_PARAMS_LENGTH
+
+    def to_native(self) -> Any:
+        return self._mech
 
 
 def _kcv(raw: Any, mechanism: Mechanism, aes: Any, mac: Any) -> bytes:
@@ -110,6 +133,9 @@ class Pkcs11Provider:
 
     def __init__(self, cfg: Pkcs11Config, metrics: Metrics) -> None:
         self._cfg = cfg
+        self.inline_safe = cfg.inline_calls == "always" or (
+            cfg.inline_calls == "auto" and os.path.basename(cfg.module).startswith("libsofthsm2")
+        )
         self._token = Token(cfg)
         self._mechanism: Mechanism = cfg.mechanism
         self._labels: tuple[str, ...] = (cfg.key_label,) + ((cfg.hmac_key_label,) if cfg.hmac_key_label else ())
@@ -131,7 +157,7 @@ class Pkcs11Provider:
             kek = self._current_kek(sess)
             if kek.ref.mechanism == "aes-gcm":
                 iv = os.urandom(GCM_IV_BYTES)
-                mech = PyKCS11.AES_GCM_Mechanism(iv, kek.header, 128)
+                mech = _Gcm(iv, kek.aad)
                 body = bytes(sess.raw.encrypt(kek.aes, plaintext, mech))
                 return Wrapped(kek.header + iv + body, kek.key_id)
             iv = os.urandom(CBC_IV_BYTES)
@@ -284,7 +310,7 @@ class Pkcs11Provider:
     def _unwrap(self, sess: Session, kek: _Kek, blob: Blob) -> bytes:
         try:
             if blob.ref.mechanism == "aes-gcm":
-                mech = PyKCS11.AES_GCM_Mechanism(blob.iv, blob.header, GCM_TAG_BYTES * 8)
+                mech = _Gcm(blob.iv, kek.aad)  # kek.header == blob.header: same KeyRef
                 return bytes(sess.raw.decrypt(kek.aes, blob.ciphertext, mech))
             expected = bytes(sess.raw.sign(kek.mac, blob.header + blob.iv + blob.ciphertext, _HMAC))
             if not hmac.compare_digest(expected, blob.mac):

@@ -12,8 +12,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +79,26 @@ class Session:
         self.conn = conn
 
 
+class _Lease:
+    """``with token.session(deadline) as sess``: a class rather than a generator, as it runs on every call."""
+
+    __slots__ = ("_deadline", "_sess", "_token")
+
+    def __init__(self, token: Token, deadline: float | None) -> None:
+        self._token = token
+        self._deadline = deadline
+
+    def __enter__(self) -> Session:
+        self._sess = self._token._checkout(self._deadline)
+        return self._sess
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        lost = isinstance(exc, PyKCS11.PyKCS11Error) and exc.value in LOST
+        if lost:
+            log.warning("token connection lost; reconnecting on next use", extra={"ckr": ckr_name(exc)})
+        self._token._checkin(self._sess, lost, dirty=exc is not None)
+
+
 class Token:
     """The token named by ``token_label``, with ``pool_size`` logged-in sessions.
 
@@ -103,26 +121,11 @@ class Token:
         conn = self._conn
         return conn.serial if conn is not None else ""
 
-    @contextmanager
-    def session(self, deadline: float | None) -> Iterator[Session]:
+    def session(self, deadline: float | None) -> _Lease:
         """Check out a logged-in session, connecting first if needed; waits for a free one until ``deadline``.
 
         A PKCS#11 error inside the block that means the token or session is gone throws the connection away."""
-        sess = self._checkout(deadline)
-        lost = dirty = False
-        try:
-            yield sess
-        except PyKCS11.PyKCS11Error as exc:
-            lost = exc.value in LOST
-            if lost:
-                log.warning("token connection lost; reconnecting on next use", extra={"ckr": ckr_name(exc)})
-            dirty = True
-            raise
-        except BaseException:
-            dirty = True
-            raise
-        finally:
-            self._checkin(sess, lost, dirty)
+        return _Lease(self, deadline)
 
     def _checkout(self, deadline: float | None) -> Session:
         wait = self._cfg.session_timeout

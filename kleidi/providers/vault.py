@@ -47,6 +47,7 @@ class VaultProvider:
     ciphertext, so data written under any version Vault still allows decrypts."""
 
     name = "vault"
+    inline_safe = False  # every call is an HTTP round trip that can wait out its timeout
 
     def __init__(self, config: VaultConfig, metrics: Metrics) -> None:
         self._config = config
