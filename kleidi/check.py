@@ -65,8 +65,12 @@ def _socket_problems(path: str) -> list[str]:
 
 def run_check(socket: str, timeout: float, include_v1: bool = False, out: TextIO = sys.stdout) -> int:
     """Print a short report; return 0 if the plugin honours the contract, 1 otherwise."""
-    path = socket_path(socket)
     report = Report(out)
+    try:
+        path = socket_path(socket)
+    except ValueError as exc:
+        report.step("socket", [str(exc)])
+        return 1
     out.write(f"checking KMS plugin at unix://{path}\n")
     if not os.path.exists(path):
         report.step("socket", [f"{path} does not exist"])
@@ -130,12 +134,17 @@ def _check_v2(client: KmsClient, report: Report) -> None:
 
     with ThreadPoolExecutor(8) as pool:
         seeds = [os.urandom(32) for _ in range(16)]
-        results = list(pool.map(lambda s: client.decrypt(client.encrypt(s).ciphertext, status.key_id), seeds))
+        results = list(pool.map(lambda seed: _round_trip(client, seed), seeds))
     wrong = sum(1 for got, want in zip(results, seeds, strict=True) if got != want)
     report.step("16 concurrent round trips", [f"{wrong} concurrent round trips gave a wrong answer"] if wrong else [])
     again = client.status()
     problems = [] if again.version == status.version else [f"version changed from {status.version} to {again.version}"]
     report.step("Status version is stable", problems)
+
+
+def _round_trip(client: KmsClient, seed: bytes) -> bytes:
+    answer = client.encrypt(seed)
+    return client.decrypt(answer.ciphertext, answer.key_id, dict(answer.annotations))
 
 
 def _check_v1(client: KmsClient, report: Report) -> None:

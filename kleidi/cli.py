@@ -58,6 +58,10 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         serve(cfg)
+    except OSError as exc:  # anything the config did not foresee (permissions, a full disk): one line, no traceback
+        log.error("cannot start", extra={"error": type(exc).__name__, "reason": str(exc)})
+        print(f"kleidi: cannot start: {exc}", file=sys.stderr)
+        return 1
     except KleidiError as exc:
         log.error("cannot start", extra={"error": exc.kind, "reason": str(exc)})
         print(f"kleidi: {exc}", file=sys.stderr)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from kleidi.errors import ConfigError
 
@@ -167,6 +167,8 @@ class Config(_Section):
     socket_group: str = ""
     provider: Literal["pkcs11", "vault"]
     health_interval: Duration = 30.0
+    # A backend check still running after this long turns Status and /healthz unhealthy ("hung").
+    health_timeout: Duration = 10.0
     metrics_listen: str = "127.0.0.1:8095"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
@@ -188,12 +190,30 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> Config:
-        socket_path(self.listen)  # raises ValueError with the reason
         if getattr(self, self.provider) is None:
             raise ValueError(f"provider is {self.provider} but the {self.provider} section is missing")
-        if self.metrics_listen:
-            _host_port(self.metrics_listen)
         return self
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        socket_path(value)  # raises ValueError with the reason
+        return value
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, value: str) -> str:
+        if value:
+            _host_port(value)
+        return value
+
+    @field_validator("health_interval")
+    @classmethod
+    def _health_interval(cls, value: float) -> float:
+        # Also how long a key rotation takes to reach Status: beyond an hour the apiserver would lag too far.
+        if value > 3600:
+            raise ValueError("must be at most 1h")
+        return value
 
     @property
     def socket_path(self) -> str:

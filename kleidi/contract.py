@@ -50,7 +50,7 @@ def annotation_problems(annotations: Mapping[str, bytes]) -> list[str]:
 
 def status_problems(version: str, healthz: str, key_id: str) -> list[str]:
     problems = []
-    if version != KMS_V2:
+    if version not in (KMS_V2, "v2beta1"):  # the apiserver still accepts the beta name
         problems.append(f"version is {version!r}, the apiserver wants {KMS_V2!r}")
     if healthz != "ok":
         problems.append(f"healthz is {healthz!r}, not 'ok'")

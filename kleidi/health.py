@@ -39,9 +39,11 @@ class HealthMonitor:
 
     Status and /healthz read ``state`` (one attribute read), so they never wait for the backend."""
 
-    def __init__(self, provider: Provider, interval: float, metrics: Metrics) -> None:
+    def __init__(self, provider: Provider, interval: float, metrics: Metrics, hung_after: float = 10.0) -> None:
         self._provider = provider
         self._interval = interval
+        self._hung_after = hung_after
+        self._running_since: float | None = None
         self._metrics = metrics
         self._state = HealthState(False, "starting: first backend check pending", "", 0.0)
         self._wake = threading.Event()
@@ -51,6 +53,17 @@ class HealthMonitor:
 
     @property
     def state(self) -> HealthState:
+        """The last outcome; or unhealthy if the check now running has been stuck for too long, since a hung
+        backend call would otherwise leave the last "ok" standing forever."""
+        since = self._running_since
+        if since is not None and time.monotonic() - since > self._hung_after:
+            state = self._state
+            return HealthState(
+                False,
+                f"backend check has not returned for {time.monotonic() - since:.0f}s",
+                state.key_id,
+                state.checked_at,
+            )
         return self._state
 
     def start(self) -> None:
@@ -71,7 +84,7 @@ class HealthMonitor:
             self._thread.join(timeout=10)
 
     def check_once(self) -> HealthState:
-        started = time.monotonic()
+        started = self._running_since = time.monotonic()
         try:
             self._provider.check()
             state = HealthState(True, "ok", self._provider.key_id(), time.time())
@@ -82,6 +95,7 @@ class HealthMonitor:
                 log.error("health check crashed", exc_info=True)
         previous = self._state
         self._state = state
+        self._running_since = None
         self._metrics.set_health(state.ok, state.key_id)
         log.debug("backend check", extra={"ok": state.ok, "check_ms": round((time.monotonic() - started) * 1000, 2)})
         if state.ok != previous.ok or state.key_id != previous.key_id or state.reason != previous.reason:

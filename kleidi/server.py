@@ -18,7 +18,7 @@ import grpc
 from kleidi import __version__, contract, unixsocket
 from kleidi.api import v1beta1_pb2, v1beta1_pb2_grpc, v2_pb2, v2_pb2_grpc
 from kleidi.config import Config
-from kleidi.errors import ConfigError, InvalidInput, KleidiError
+from kleidi.errors import BackendUnavailable, ConfigError, InvalidInput, KleidiError
 from kleidi.health import HealthMonitor
 from kleidi.observability import Metrics, ProbeServer
 from kleidi.providers import build
@@ -26,8 +26,9 @@ from kleidi.providers.base import Provider
 
 log = logging.getLogger("kleidi.server")
 
-# Data keys are 32 bytes for KMS v2; KMS v1 DEKs are small too. Anything bigger is not a data key.
-_MAX_PLAINTEXT = 4096
+# Data keys are 32 bytes (KMS v2 seeds, KMS v1 DEKs). The limit leaves every provider's wrapped form under
+# the apiserver's 1 kB ciphertext limit, so an oversized request is the caller's error, not a broken answer.
+_MAX_PLAINTEXT = 512
 
 T = TypeVar("T")
 
@@ -71,6 +72,9 @@ class _Call:
                 self._health.poke()
             await context.abort(code, str(exc))
             raise AssertionError("unreachable") from None  # abort() always raises
+        except asyncio.CancelledError:  # the caller's deadline passed or it went away
+            code = grpc.StatusCode.CANCELLED
+            raise
         except Exception:
             code = grpc.StatusCode.INTERNAL
             log.error("request crashed", exc_info=True, extra={"api": self._api, "method": method, "uid": uid})
@@ -98,6 +102,10 @@ async def _offload(pool: futures.ThreadPoolExecutor, body: Callable[[float | Non
     done: asyncio.Future[T] = loop.create_future()
 
     def job() -> None:
+        # Queued behind slow calls: a request whose caller has given up must not cost the backend anything.
+        if done.cancelled() or (deadline is not None and time.monotonic() >= deadline):
+            loop.call_soon_threadsafe(_settle, done, None, BackendUnavailable("deadline passed while queued"))
+            return
         try:
             result = body(deadline)
         except BaseException as exc:
@@ -222,7 +230,7 @@ class KleidiServer:
         self.config = config
         self.metrics = Metrics()
         self.provider = provider if provider is not None else build(config, self.metrics)
-        self.health = HealthMonitor(self.provider, config.health_interval, self.metrics)
+        self.health = HealthMonitor(self.provider, config.health_interval, self.metrics, config.health_timeout)
         self._grpc: grpc.aio.Server | None = None
         self._probes: ProbeServer | None = None
         self._pool: futures.ThreadPoolExecutor | None = None
@@ -234,8 +242,8 @@ class KleidiServer:
     def start(self) -> None:
         cfg = self.config
         path = cfg.socket_path
-        unixsocket.prepare(path)
         gid = unixsocket.group_id(cfg.socket_group)
+        unixsocket.prepare(path, gid)
         address = cfg.metrics_address
         if address is not None:
             try:
@@ -275,7 +283,6 @@ class KleidiServer:
                 ("grpc.max_send_message_length", cfg.max_request_bytes),
                 ("grpc.so_reuseport", 0),
             ],
-            maximum_concurrent_rpcs=cfg.workers * 16,
         )
         v2_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
             KmsV2Servicer(self.provider, self.health, self.metrics, pool), server
@@ -283,7 +290,10 @@ class KleidiServer:
         v1beta1_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
             KmsV1Servicer(self.provider, self.health, self.metrics, pool), server
         )
-        server.add_insecure_port(f"unix:{path}")
+        try:
+            server.add_insecure_port(f"unix:{path}")
+        except RuntimeError as exc:  # grpc reports a failed bind this way, with no errno
+            raise ConfigError(f"listen: cannot bind {path}: {exc}") from None
         await server.start()
         return server
 
@@ -311,12 +321,12 @@ class KleidiServer:
                 self._loop_thread.join(10)
             if not loop.is_running():
                 loop.close()
+        self.health.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self._probes is not None:
             self._probes.stop()
-        self.health.stop()
-        self.provider.close()
+        self.provider.close()  # a call still running on a worker finishes; none can reconnect after this
         log.info("stopped")
 
 

@@ -15,14 +15,19 @@ from kleidi.errors import ConfigError
 log = logging.getLogger("kleidi.socket")
 
 
-def prepare(path: str) -> None:
+def prepare(path: str, gid: int | None = None) -> None:
     """Make ``path`` ready to bind: parent directory present and safe, nothing live in the way.
 
     A stale socket is removed only after a connect() proves nobody listens on it. A symlink,
     a regular file or any other kind of file at the path is refused, never deleted."""
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
-        os.makedirs(parent, mode=0o750, exist_ok=True)
+        try:
+            os.makedirs(parent, mode=0o750, exist_ok=True)
+            if gid is not None:  # the socket's group must be able to reach the socket
+                os.chown(parent, -1, gid)
+        except OSError as exc:
+            raise ConfigError(f"listen: cannot create the socket directory {parent}: {exc.strerror}") from None
     pst = os.lstat(parent)
     if stat.S_ISLNK(pst.st_mode):
         raise ConfigError(f"listen: socket directory {parent} is a symlink; refusing")
@@ -70,9 +75,12 @@ def group_id(group: str) -> int | None:
 
 def secure(path: str, mode: int, gid: int | None) -> None:
     """Apply the configured mode and group to the bound socket."""
-    if gid is not None:
-        os.chown(path, -1, gid)
-    os.chmod(path, mode)
+    try:
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
+    except OSError as exc:
+        raise ConfigError(f"socket_group/socket_mode: cannot apply them to {path}: {exc.strerror}") from None
 
 
 def remove(path: str, inode: int) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,3 +160,85 @@ def test_the_current_kek_must_be_aes_256(hsm: SoftHsm) -> None:
     with pytest.raises(Exception, match="'kek-128' is AES with 16 bytes; the KEK must be an AES-256 key"):
         provider.check()
     provider.close()
+
+
+def test_parallel_calls_after_a_token_loss_reconnect_once(hsm: SoftHsm, caplog: pytest.LogCaptureFixture) -> None:
+    import PyKCS11
+
+    provider = _provider(hsm, pool_size=4)
+    provider.check()
+    aside = hsm.take_away()
+
+    def call() -> None:
+        with contextlib.suppress(BackendUnavailable, KeyNotFound):
+            provider.encrypt(os.urandom(32), "u")
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    hsm.bring_back(aside)
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="kleidi")
+    errors: list[BaseException] = []
+
+    def call_ok() -> None:
+        for _ in range(20):
+            try:
+                seed = os.urandom(32)
+                assert provider.decrypt(provider.encrypt(seed, "u").ciphertext, "", {}, "u") == seed
+                return
+            except BackendUnavailable:
+                time.sleep(0.2)  # inside the reconnect backoff
+        errors.append(AssertionError("never recovered"))
+
+    threads = [threading.Thread(target=call_ok) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sum(r.msg == "token connected" for r in caplog.records) == 1
+    assert PyKCS11.PyKCS11Lib._loaded_libs[hsm.module]["nb_users"] == 1  # no orphaned module instance
+    provider.close()
+    assert hsm.module not in PyKCS11.PyKCS11Lib._loaded_libs
+
+
+def test_inline_only_while_a_session_is_free(hsm: SoftHsm) -> None:
+    provider = _provider(hsm, pool_size=1)
+    assert not provider.inline_safe  # not connected yet: connecting must not happen on the event loop
+    provider.check()
+    assert provider.inline_safe
+    with provider._token.session(None):
+        assert not provider.inline_safe
+    other = _provider(hsm, inline_calls="never")
+    other.check()
+    assert not other.inline_safe
+    provider.close()
+    other.close()
+
+
+def test_encrypt_keeps_the_published_kek_until_the_next_check(hsm: SoftHsm) -> None:
+    provider = _provider(hsm)
+    provider.check()
+    published = provider.key_id()
+    hsm.delete_key("kek-1")
+    hsm.keygen("kek-1")  # a different key under the same label
+    with provider._token.session(None) as sess:  # force a new connection, as a token hiccup would
+        sess.raw.lib.C_CloseAllSessions(sess.conn.slot)
+    # Status still says `published`: Encrypt must not answer with another key_id before the check says so
+    with pytest.raises(KeyNotFound):
+        provider.encrypt(os.urandom(32), "u")
+    provider.check()
+    assert provider.key_id() != published
+    assert provider.encrypt(os.urandom(32), "u").key_id == provider.key_id()
+    provider.close()
+
+
+def test_a_closed_provider_never_reconnects(hsm: SoftHsm) -> None:
+    provider = _provider(hsm)
+    provider.check()
+    provider.close()
+    with pytest.raises(BackendUnavailable, match="shutting down"):
+        provider.encrypt(os.urandom(32), "u")

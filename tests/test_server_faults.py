@@ -12,10 +12,11 @@ import grpc
 import pytest
 
 from kleidi.client import KmsClient
-from kleidi.config import validate
+from kleidi.config import Config, validate
 from kleidi.errors import BackendUnavailable
 from kleidi.providers.base import Wrapped
 from kleidi.server import KleidiServer
+from tests.plugin import wait_for
 
 
 class FaultyProvider:
@@ -63,18 +64,24 @@ class FaultyProvider:
         self.release.set()
 
 
-@pytest.fixture
-def running(tmp_path: Path) -> Iterator[tuple[KleidiServer, FaultyProvider, KmsClient]]:
-    provider = FaultyProvider()
-    config = validate(
+def _config(tmp_path: Path, **settings: object) -> Config:
+    return validate(
         {
             "provider": "pkcs11",
             "listen": f"unix://{tmp_path}/run/k.sock",
             "metrics_listen": "127.0.0.1:0",
             "health_interval": "100ms",
+            "health_timeout": "1s",
             "pkcs11": {"token_label": "t", "pin_env": "UNUSED", "key_label": "k"},
+            **settings,
         }
     )
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[KleidiServer, FaultyProvider, KmsClient]]:
+    provider = FaultyProvider()
+    config = _config(tmp_path)
     server = KleidiServer(config, provider)
     server.start()
     server.health.wait_first(5)
@@ -153,3 +160,55 @@ def test_a_hung_backend_call_does_not_stall_status(running: tuple[KleidiServer, 
     provider.release.set()
     hung.join(10)
     assert answers == [bytes(b ^ 0x5A for b in b"s" * 32)]  # the hung call still completes once released
+
+
+def test_a_hung_health_check_turns_status_unhealthy(running: tuple[KleidiServer, FaultyProvider, KmsClient]) -> None:
+    _, provider, client = running
+    provider.check_blocks.set()
+    assert provider.stuck.wait(5)
+    assert client.status().healthz == "ok"  # within health_timeout (1 s) the last answer stands
+    status = wait_for(lambda: (s := client.status()).healthz != "ok" and s, 5, "Status to report the hang")
+    assert status.healthz.startswith("backend check has not returned for") and status.key_id == "faulty-key-1"
+    provider.check_blocks.clear()
+    provider.release.set()
+    wait_for(lambda: client.status().healthz == "ok", 5, "recovery once the check returns")
+
+
+def test_requests_whose_deadline_passed_in_the_queue_never_reach_the_backend(tmp_path: Path) -> None:
+    provider = FaultyProvider()
+    server = KleidiServer(_config(tmp_path, workers=1), provider)
+    server.start()
+    try:
+        with KmsClient(server.config.listen, timeout=5) as slow, KmsClient(server.config.listen, timeout=0.3) as hasty:
+            provider.encrypt_blocks = True
+            hung = threading.Thread(target=lambda: slow.encrypt(b"s" * 32))
+            hung.start()
+            assert provider.stuck.wait(5)  # the only worker is busy
+            calls_before = len(provider.deadlines)
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as info:
+                    hasty.encrypt(b"t" * 32)
+                assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            provider.encrypt_blocks = False
+            provider.release.set()
+            hung.join(10)
+            assert slow.decrypt(slow.encrypt(b"u" * 32).ciphertext) == b"u" * 32
+            assert len(provider.deadlines) == calls_before + 1  # only the last, fresh call reached the provider
+
+            def given_up() -> float:  # cancelled by gRPC at the deadline, or refused by the worker after it
+                sample = server.metrics.registry.get_sample_value
+                labels = {"api": "v2", "method": "Encrypt"}
+                return sum(
+                    sample("kleidi_requests_total", {**labels, "code": c}) or 0 for c in ("CANCELLED", "UNAVAILABLE")
+                )
+
+            wait_for(lambda: given_up() == 3, 5, "the given-up calls counted as not OK")
+    finally:
+        server.stop()
+
+
+def test_oversized_plaintext_is_the_callers_error(running: tuple[KleidiServer, FaultyProvider, KmsClient]) -> None:
+    _, _, client = running
+    with pytest.raises(grpc.RpcError) as info:
+        client.encrypt(os.urandom(600))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 512" in info.value.details()

@@ -31,9 +31,13 @@ class Provider(Protocol):
     """
 
     name: str
-    # True only if encrypt/decrypt finish in well under a millisecond and cannot block on a network or a
-    # device: the server then calls them on its event loop instead of handing them to a worker thread.
-    inline_safe: bool
+
+    @property
+    def inline_safe(self) -> bool:
+        """True only while an encrypt/decrypt would finish in well under a millisecond and cannot block on
+        a network, a device or a lock: the server then runs it on its event loop instead of a worker thread.
+        Read before every call, so a provider can say no while it is reconnecting or busy."""
+        ...
 
     def key_id(self) -> str:
         """The current KEK identity, from memory."""

@@ -47,6 +47,16 @@ log = logging.getLogger("kleidi.pkcs11")
 T = TypeVar("T")
 
 _HMAC = PyKCS11.Mechanism(PyKCS11.CKM_SHA256_HMAC)
+_TAG_MISMATCH = frozenset(
+    {
+        PyKCS11.CKR_ENCRYPTED_DATA_INVALID,
+        PyKCS11.CKR_ENCRYPTED_DATA_LEN_RANGE,
+        PyKCS11.CKR_GENERAL_ERROR,
+        PyKCS11.CKR_FUNCTION_FAILED,
+        PyKCS11.CKR_DATA_INVALID,
+        PyKCS11.CKR_DATA_LEN_RANGE,
+    }
+)
 _ZERO_BLOCK = bytes(AES_BLOCK)
 _KCV_MESSAGE = b"kleidi key check value"
 
@@ -133,13 +143,15 @@ class Pkcs11Provider:
 
     def __init__(self, cfg: Pkcs11Config, metrics: Metrics) -> None:
         self._cfg = cfg
-        self.inline_safe = cfg.inline_calls == "always" or (
+        self._inline_allowed = cfg.inline_calls == "always" or (
             cfg.inline_calls == "auto" and os.path.basename(cfg.module).startswith("libsofthsm2")
         )
         self._token = Token(cfg)
         self._mechanism: Mechanism = cfg.mechanism
         self._labels: tuple[str, ...] = (cfg.key_label,) + ((cfg.hmac_key_label,) if cfg.hmac_key_label else ())
         self._current: _Kek | None = None
+        # The KEK the last health check published: new data is wrapped under it, whatever the labels say now.
+        self._current_ref: KeyRef | None = None
         self._key_id = ""
         # KEKs found for decryption. Handles belong to one connection; an entry from an older one is looked up again.
         self._keks: dict[KeyRef, _Kek] = {}
@@ -154,16 +166,7 @@ class Pkcs11Provider:
 
     def encrypt(self, plaintext: bytes, uid: str, deadline: float | None = None) -> Wrapped:
         def op(sess: Session) -> Wrapped:
-            kek = self._current_kek(sess)
-            if kek.ref.mechanism == "aes-gcm":
-                iv = os.urandom(GCM_IV_BYTES)
-                mech = _Gcm(iv, kek.aad)
-                body = bytes(sess.raw.encrypt(kek.aes, plaintext, mech))
-                return Wrapped(kek.header + iv + body, kek.key_id)
-            iv = os.urandom(CBC_IV_BYTES)
-            body = _cbc(sess, kek.aes, _pad(plaintext), iv, encrypt=True)
-            signed = kek.header + iv + body
-            return Wrapped(signed + bytes(sess.raw.sign(kek.mac, signed, _HMAC)), kek.key_id)
+            return self._wrap(sess, self._current_kek(sess), plaintext)
 
         return self._run("encrypt", deadline, op)
 
@@ -189,14 +192,28 @@ class Pkcs11Provider:
         return self._run("decrypt", deadline, op)
 
     def check(self) -> None:
-        """Find the current KEK by its label again (it may have been replaced), then a real round trip."""
+        """Find the KEK that the labels name now (it may have been replaced), do a real round trip with it,
+        and only then make it current: Status (published right after) and Encrypt switch together."""
         deadline = time.monotonic() + max(self._cfg.session_timeout, 1.0)
-
-        self._run("check", deadline, self._resolve_current)
         probe = os.urandom(32)
-        wrapped = self.encrypt(probe, "health-check", deadline)
-        if self.decrypt(wrapped.ciphertext, wrapped.key_id, {}, "health-check", deadline) != probe:
-            raise IntegrityError("health round trip returned a different plaintext")
+
+        def round_trip(sess: Session) -> _Kek:
+            kek = self._resolve_by_label(sess)
+            blob = parse(self._wrap(sess, kek, probe).ciphertext)
+            if not hmac.compare_digest(self._unwrap(sess, kek, blob), probe):
+                raise IntegrityError("health round trip returned a different plaintext")
+            return kek
+
+        kek = self._run("check", deadline, round_trip)
+        if kek.key_id != self._key_id:
+            log.info("current KEK", extra={"key_id": kek.key_id, "previous": self._key_id or "none"})
+        self._current, self._current_ref, self._key_id = kek, kek.ref, kek.key_id
+
+    @property
+    def inline_safe(self) -> bool:
+        """Only a local software token, and only while a session is free on a live connection: a call that
+        would wait for a session or reconnect goes to the worker pool instead."""
+        return self._inline_allowed and self._token.ready()
 
     def close(self) -> None:
         self._token.close()
@@ -238,12 +255,17 @@ class Pkcs11Provider:
         return BackendUnavailable(f"token {operation} failed ({name})")
 
     def _current_kek(self, sess: Session) -> _Kek:
+        """The KEK that the last health check published (so Encrypt's key_id is Status' key_id), found again
+        on a new connection by its reference; before the first check, the one the labels name."""
         current = self._current
         if current is not None and current.conn is sess.conn:
             return current
-        return self._resolve_current(sess)
+        ref = self._current_ref
+        kek = self._kek_for(sess, ref) if ref is not None else self._resolve_by_label(sess)
+        self._current = kek
+        return kek
 
-    def _resolve_current(self, sess: Session) -> _Kek:
+    def _resolve_by_label(self, sess: Session) -> _Kek:
         """The KEK that ``key_label`` (and ``hmac_key_label``) name now; its labels must be unique."""
         handles = []
         for label in self._labels:
@@ -261,11 +283,17 @@ class Pkcs11Provider:
         ref = KeyRef(self._mechanism, self._labels, self._fingerprint(sess, aes, mac))
         kek = _Kek(ref, sess.conn, aes, mac)
         self._keks[ref] = kek
-        if kek.key_id != self._key_id:
-            log.info("current KEK", extra={"key_id": kek.key_id, "previous": self._key_id or "none"})
-        self._current = kek
-        self._key_id = kek.key_id
         return kek
+
+    def _wrap(self, sess: Session, kek: _Kek, plaintext: bytes) -> Wrapped:
+        if kek.ref.mechanism == "aes-gcm":
+            iv = os.urandom(GCM_IV_BYTES)
+            body = bytes(sess.raw.encrypt(kek.aes, plaintext, _Gcm(iv, kek.aad)))
+            return Wrapped(kek.header + iv + body, kek.key_id)
+        iv = os.urandom(CBC_IV_BYTES)
+        body = _cbc(sess, kek.aes, _pad(plaintext), iv, encrypt=True)
+        signed = kek.header + iv + body
+        return Wrapped(signed + bytes(sess.raw.sign(kek.mac, signed, _HMAC)), kek.key_id)
 
     def _require_aes256(self, sess: Session, aes: Any) -> None:
         """New data is wrapped only under AES-256; an older, weaker key may still decrypt what it wrote."""
@@ -308,22 +336,18 @@ class Pkcs11Provider:
         raise KeyNotFound(f"the KEK that wrapped this data ({ref.key_id}) is not on token {self._cfg.token_label!r}")
 
     def _unwrap(self, sess: Session, kek: _Kek, blob: Blob) -> bytes:
-        try:
-            if blob.ref.mechanism == "aes-gcm":
-                mech = _Gcm(blob.iv, kek.aad)  # kek.header == blob.header: same KeyRef
-                return bytes(sess.raw.decrypt(kek.aes, blob.ciphertext, mech))
-            expected = bytes(sess.raw.sign(kek.mac, blob.header + blob.iv + blob.ciphertext, _HMAC))
-            if not hmac.compare_digest(expected, blob.mac):
-                raise IntegrityError("ciphertext failed authentication (MAC mismatch): tampered or corrupted")
-            return _unpad(_cbc(sess, kek.aes, blob.ciphertext, blob.iv, encrypt=False))
-        except PyKCS11.PyKCS11Error as exc:
-            # SoftHSM answers a GCM tag mismatch with CKR_GENERAL_ERROR, others with ENCRYPTED_DATA_INVALID.
-            if exc.value in (
-                PyKCS11.CKR_ENCRYPTED_DATA_INVALID,
-                PyKCS11.CKR_ENCRYPTED_DATA_LEN_RANGE,
-                PyKCS11.CKR_GENERAL_ERROR,
-                PyKCS11.CKR_DATA_INVALID,
-                PyKCS11.CKR_DATA_LEN_RANGE,
-            ):
-                raise IntegrityError("ciphertext failed authentication: tampered, corrupted or truncated") from None
-            raise
+        if blob.ref.mechanism == "aes-gcm":
+            try:
+                return bytes(sess.raw.decrypt(kek.aes, blob.ciphertext, _Gcm(blob.iv, kek.aad)))
+            except PyKCS11.PyKCS11Error as exc:
+                # A failed tag check: SoftHSM says CKR_GENERAL_ERROR, the standard says ENCRYPTED_DATA_INVALID.
+                # If the device itself failed instead, replacing the session (it saw an error) finds out.
+                if exc.value in _TAG_MISMATCH:
+                    raise IntegrityError("ciphertext failed authentication: tampered, corrupted or truncated") from None
+                raise
+        # Encrypt-then-MAC: the MAC is checked before the token decrypts anything; token errors here are
+        # token failures, not tampering.
+        expected = bytes(sess.raw.sign(kek.mac, blob.header + blob.iv + blob.ciphertext, _HMAC))
+        if not hmac.compare_digest(expected, blob.mac):
+            raise IntegrityError("ciphertext failed authentication (MAC mismatch): tampered or corrupted")
+        return _unpad(_cbc(sess, kek.aes, blob.ciphertext, blob.iv, encrypt=False))

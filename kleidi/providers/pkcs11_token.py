@@ -38,7 +38,6 @@ LOST = frozenset(
         PyKCS11.CKR_KEY_HANDLE_INVALID,
         PyKCS11.CKR_GENERAL_ERROR,
         PyKCS11.CKR_SLOT_ID_INVALID,
-        PyKCS11.CKR_FUNCTION_FAILED,
     }
 )
 # The token refused the PIN. Retrying the same PIN counts down to a locked token: never do it.
@@ -111,6 +110,8 @@ class Token:
         self._cond = threading.Condition()
         self._conn: _Connection | None = None
         self._dying: list[_Connection] = []
+        self._connecting = False
+        self._closed = False
         self._last_failure: KleidiError | None = None
         self._last_attempt = 0.0
         # The digest of a PIN the token refused: that PIN is never offered again, a new one is.
@@ -128,12 +129,15 @@ class Token:
         return _Lease(self, deadline)
 
     def _checkout(self, deadline: float | None) -> Session:
-        wait = self._cfg.session_timeout
-        if deadline is not None:
-            wait = min(wait, max(deadline - time.monotonic(), 0.0))
-        until = time.monotonic() + wait
+        now = time.monotonic()
+        if deadline is not None and deadline <= now:
+            raise BackendUnavailable("the request's deadline passed before a PKCS#11 session was free")
+        wait = self._cfg.session_timeout if deadline is None else min(self._cfg.session_timeout, deadline - now)
+        until = now + wait
         with self._cond:
             while True:
+                if self._closed:
+                    raise BackendUnavailable("kleidi is shutting down")
                 conn = self._conn
                 if conn is None:
                     self._connect_locked(until)
@@ -147,6 +151,11 @@ class Token:
                         f"no free PKCS#11 session within {wait:.2f}s (pool_size {self._cfg.pool_size}): "
                         "the token is overloaded or a call hangs"
                     )
+
+    def ready(self) -> bool:
+        """True when a session is free on a live connection right now, so a checkout will not wait."""
+        conn = self._conn
+        return conn is not None and bool(conn.idle) and not self._connecting and not self._closed
 
     def _checkin(self, sess: Session, lost: bool, dirty: bool) -> None:
         conn = sess.conn
@@ -172,27 +181,42 @@ class Token:
                 conn.idle.append(sess.raw)
             self._cond.notify_all()
 
-    def connect(self, deadline: float | None = None) -> None:
-        """Make sure a connection exists. Raises AuthFailed on a refused PIN, BackendUnavailable otherwise."""
-        until = deadline if deadline is not None else time.monotonic() + self._cfg.session_timeout
-        with self._cond:
-            if self._conn is None:
-                self._connect_locked(until)
-
     def _connect_locked(self, until: float) -> None:
+        """Open a connection; called with the lock held. The slow part (loading the module, C_Initialize,
+        login) runs with the lock released, so checkins and other callers are not stuck behind it, and
+        only one caller connects at a time: the others wait for its outcome."""
+        while self._connecting:
+            if not self._cond.wait(max(until - time.monotonic(), 0.0)):
+                raise BackendUnavailable("timed out waiting for the token connection to be re-established")
+        if self._conn is not None or self._closed:
+            return
         now = time.monotonic()
         if self._last_failure is not None and now - self._last_attempt < _RECONNECT_BACKOFF:
             raise type(self._last_failure)(str(self._last_failure))
         # Calls still running on the lost connection must finish before its module can be unloaded.
         if not self._cond.wait_for(lambda: not self._dying, max(until - now, 0.0)):
             raise BackendUnavailable("token connection lost; waiting for in-flight calls before reconnecting")
+        if self._conn is not None or self._connecting:
+            return  # someone else connected (or is connecting) while we waited; the caller loops
+        self._connecting = True
         self._last_attempt = time.monotonic()
+        self._cond.release()
         try:
-            self._conn = self._open()
-            self._last_failure = None
+            conn = self._open()
         except KleidiError as exc:
+            self._cond.acquire()
             self._last_failure = exc
             raise
+        else:
+            self._cond.acquire()
+            self._last_failure = None
+            if self._closed:
+                _unload(conn.lib)
+            else:
+                self._conn = conn
+        finally:
+            self._connecting = False
+            self._cond.notify_all()
 
     def _open(self) -> _Connection:
         cfg = self._cfg
@@ -277,8 +301,11 @@ class Token:
         _unload(conn.lib)
 
     def close(self) -> None:
+        """Release the token for good: later calls fail instead of connecting again."""
         with self._cond:
+            self._closed = True
             self._retire_locked()
+            self._cond.notify_all()
 
 
 def _unload(lib: Any) -> None:
