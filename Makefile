@@ -35,7 +35,9 @@ typecheck:
 test: deps lint typecheck
 	$(PYTHON) -m pytest -q
 
+# The Go client measures kleidi the way the apiserver's grpc-go client sees it (built offline from Debian's packages).
 bench: deps
+	@$(MAKE) --no-print-directory deps-system DEB_PACKAGES="golang-go golang-google-grpc-dev"
 	$(PYTHON) -m bench
 
 regenerate-api:

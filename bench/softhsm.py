@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import PyKCS11
 
+from bench import goclient
 from bench.common import HEADER, Result, measure, measure_socket, row, rss_mib
 from kleidi.api import v2_pb2
 from kleidi.client import KmsClient
@@ -17,8 +20,8 @@ from tests.plugin import KleidiProcess, wait_for
 
 CALLS = 2000
 STATUS = "/v2.KeyManagementService/Status"
-ENCRYPT = "/v2.KeyManagementService/Encrypt"
-DECRYPT = "/v2.KeyManagementService/Decrypt"
+# (socket, method, serialized request, clients, calls per client) -> Result
+Caller = Callable[[str, str, bytes, int, int], Result]
 
 
 def _raw_calls(hsm: SoftHsm, clients: int) -> tuple[dict[str, Result], list[object]]:
@@ -54,29 +57,39 @@ def main() -> None:
         first_status = wait_for(lambda: _status_time(plugin, started), 30, "first Status", interval=0.005)
         try:
             plugin.wait_healthy()
-            print("\nkleidi pkcs11 (SoftHSM2, aes-gcm), 32-byte data keys, through the unix socket")
-            print(HEADER)
             seed = os.urandom(32)
             with plugin.client() as kms:
                 blob = kms.encrypt(seed)
-            encrypt = v2_pb2.EncryptRequest(plaintext=seed, uid="bench").SerializeToString()
-            decrypt = v2_pb2.DecryptRequest(ciphertext=blob.ciphertext, key_id=blob.key_id, uid="bench")
-            status = measure_socket(plugin.socket, STATUS, b"", 1, CALLS)
-            print(row("Status", 1, status, None))
-            ours: dict[tuple[str, int], Result] = {}
-            theirs: dict[tuple[str, int], Result] = {}
+            requests = {
+                "Encrypt": v2_pb2.EncryptRequest(plaintext=seed, uid="bench").SerializeToString(),
+                "Decrypt": v2_pb2.DecryptRequest(
+                    ciphertext=blob.ciphertext, key_id=blob.key_id, uid="bench"
+                ).SerializeToString(),
+            }
+            raw: dict[tuple[str, int], Result] = {}
             for n in (1, 8):
-                raw, keep = _raw_calls(hsm, n)
-                ours["Encrypt", n] = measure_socket(plugin.socket, ENCRYPT, encrypt, n, CALLS)
-                ours["Decrypt", n] = measure_socket(plugin.socket, DECRYPT, decrypt.SerializeToString(), n, CALLS)
-                theirs["Encrypt", n], theirs["Decrypt", n] = raw["encrypt"], raw["decrypt"]
-                for op in ("Encrypt", "Decrypt"):
-                    print(row(op, n, ours[op, n], theirs[op, n]))
+                results, keep = _raw_calls(hsm, n)
+                raw["Encrypt", n], raw["Decrypt", n] = results["encrypt"], results["decrypt"]
                 del keep
-            _targets(status, ours, theirs)
-            # 1 + 2 x 9 measurements of CALLS calls, plus warm-ups: well over 10k requests by now
+            callers: list[tuple[str, Caller]] = [("Python grpcio", measure_socket)]
+            binary = goclient.build()
+            if binary is not None:
+                callers.append(("Go grpc (as the apiserver)", partial(goclient.measure, binary)))
+            for client, call in callers:
+                print(
+                    f"\nkleidi pkcs11 (SoftHSM2, aes-gcm), 32-byte data keys, through the unix socket; client: {client}"
+                )
+                print(HEADER)
+                status = call(plugin.socket, STATUS, b"", 1, CALLS)
+                print(row("Status", 1, status, None))
+                ours: dict[tuple[str, int], Result] = {}
+                for n in (1, 8):
+                    for op in ("Encrypt", "Decrypt"):
+                        ours[op, n] = call(plugin.socket, f"/v2.KeyManagementService/{op}", requests[op], n, CALLS)
+                        print(row(op, n, ours[op, n], raw[op, n]))
+                _targets(status, ours, raw)
             assert plugin.proc is not None
-            print(f"plugin RSS after {1 + 2 * 9} x {CALLS} requests: {rss_mib(plugin.proc.pid):.1f} MiB")
+            print(f"\nplugin RSS after {len(callers) * 9 * CALLS} requests: {rss_mib(plugin.proc.pid):.1f} MiB")
             print(f"time from start to first served Status: {first_status * 1000:.0f} ms")
         finally:
             plugin.stop()
@@ -92,7 +105,6 @@ def _targets(status: Result, ours: dict[tuple[str, int], Result], raw: dict[tupl
     ]
     for name, met, value in checks:
         print(f"target {'met   ' if met else 'MISSED'} {name}: {value}")
-    print("(this client is Python's grpcio; the apiserver's Go client costs less per call)")
 
 
 def _status_time(plugin: KleidiProcess, started: float) -> float | None:
