@@ -18,6 +18,10 @@ class Result:
     p99_ms: float
 
 
+# Calls one gRPC method over a unix socket: (socket, method, serialized request, clients, calls per client).
+Caller = Callable[[str, str, bytes, int, int], Result]
+
+
 def measure(make_call: Callable[[int], Callable[[], object]], clients: int, calls_per_client: int) -> Result:
     """Run ``calls_per_client`` calls on each of ``clients`` threads; ``make_call(i)`` gives thread i its call
     (so each thread can hold its own channel or session)."""

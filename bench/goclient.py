@@ -3,18 +3,20 @@ call than Python's grpcio, so the targets are judged on what this client sees.""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.common import Result
+from bench.common import Caller, Result, measure_socket
 
 SOURCE = Path(__file__).resolve().parent / "goclient" / "main.go"
 DEBIAN_GOPATH = "/usr/share/gocode"
 
 
+@functools.cache
 def build() -> Path | None:
     """Build the client; None (with the reason printed) when Go or Debian's grpc-go is not installed."""
     if shutil.which("go") is None or not Path(DEBIAN_GOPATH, "src/google.golang.org/grpc").is_dir():
@@ -51,3 +53,12 @@ def measure(binary: Path, socket: str, method: str, request: bytes, clients: int
         timeout=600,
     ).stdout.split()
     return Result(ops_per_s=float(out[0]), p50_ms=float(out[1]), p99_ms=float(out[2]))
+
+
+def callers() -> list[tuple[str, Caller]]:
+    """Python's grpcio, and Go's grpc (the apiserver's) when it can be built here."""
+    found: list[tuple[str, Caller]] = [("Python grpcio", measure_socket)]
+    binary = build()
+    if binary is not None:
+        found.append(("Go grpc, as the apiserver", functools.partial(measure, binary)))
+    return found

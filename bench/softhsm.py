@@ -5,14 +5,12 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 
 import PyKCS11
 
 from bench import goclient
-from bench.common import HEADER, Result, measure, measure_socket, row, rss_mib
+from bench.common import HEADER, Result, measure, row, rss_mib
 from kleidi.api import v2_pb2
 from kleidi.client import KmsClient
 from tests.backends.softhsm import SoftHsm
@@ -20,8 +18,6 @@ from tests.plugin import KleidiProcess, wait_for
 
 CALLS = 2000
 STATUS = "/v2.KeyManagementService/Status"
-# (socket, method, serialized request, clients, calls per client) -> Result
-Caller = Callable[[str, str, bytes, int, int], Result]
 
 
 def _raw_calls(hsm: SoftHsm, clients: int) -> tuple[dict[str, Result], list[object]]:
@@ -71,10 +67,7 @@ def main() -> None:
                 results, keep = _raw_calls(hsm, n)
                 raw["Encrypt", n], raw["Decrypt", n] = results["encrypt"], results["decrypt"]
                 del keep
-            callers: list[tuple[str, Caller]] = [("Python grpcio", measure_socket)]
-            binary = goclient.build()
-            if binary is not None:
-                callers.append(("Go grpc (as the apiserver)", partial(goclient.measure, binary)))
+            callers = goclient.callers()
             for client, call in callers:
                 print(
                     f"\nkleidi pkcs11 (SoftHSM2, aes-gcm), 32-byte data keys, through the unix socket; client: {client}"
