@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import statistics
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from kleidi.api import v2_pb2
+from kleidi.client import KmsClient
 
 
 @dataclass(frozen=True)
@@ -120,3 +124,15 @@ def rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def kms_requests(client: KmsClient) -> dict[str, bytes]:
+    """Serialized Encrypt and Decrypt requests for a 32-byte data key, the Decrypt one for a real blob."""
+    seed = os.urandom(32)
+    blob = client.encrypt(seed)
+    return {
+        "Encrypt": v2_pb2.EncryptRequest(plaintext=seed, uid="bench").SerializeToString(),
+        "Decrypt": v2_pb2.DecryptRequest(
+            ciphertext=blob.ciphertext, key_id=blob.key_id, uid="bench"
+        ).SerializeToString(),
+    }

@@ -10,8 +10,7 @@ from pathlib import Path
 import PyKCS11
 
 from bench import goclient
-from bench.common import HEADER, Result, measure, row, rss_mib
-from kleidi.api import v2_pb2
+from bench.common import HEADER, Result, kms_requests, measure, row, rss_mib
 from kleidi.client import KmsClient
 from tests.backends.softhsm import SoftHsm
 from tests.plugin import KleidiProcess, wait_for
@@ -53,15 +52,8 @@ def main() -> None:
         first_status = wait_for(lambda: _status_time(plugin, started), 30, "first Status", interval=0.005)
         try:
             plugin.wait_healthy()
-            seed = os.urandom(32)
             with plugin.client() as kms:
-                blob = kms.encrypt(seed)
-            requests = {
-                "Encrypt": v2_pb2.EncryptRequest(plaintext=seed, uid="bench").SerializeToString(),
-                "Decrypt": v2_pb2.DecryptRequest(
-                    ciphertext=blob.ciphertext, key_id=blob.key_id, uid="bench"
-                ).SerializeToString(),
-            }
+                requests = kms_requests(kms)
             raw: dict[tuple[str, int], Result] = {}
             for n in (1, 8):
                 results, keep = _raw_calls(hsm, n)

@@ -11,7 +11,7 @@ from pathlib import Path
 import hvac
 
 from bench import goclient
-from bench.common import HEADER, Result, measure, row
+from bench.common import HEADER, Result, kms_requests, measure, row
 from kleidi.api import v2_pb2
 from tests.backends.openbao import OpenBao, vault_section
 from tests.plugin import KleidiProcess
@@ -54,18 +54,12 @@ def main() -> None:
             with KleidiProcess(root / "kleidi", config) as plugin:
                 plugin.start()
                 plugin.wait_healthy()
-                seed = os.urandom(32)
                 with plugin.client() as kms:
-                    blob = kms.encrypt(seed)
-                requests = {
-                    "Encrypt": v2_pb2.EncryptRequest(plaintext=seed, uid="bench").SerializeToString(),
-                    "Decrypt": v2_pb2.DecryptRequest(
-                        ciphertext=blob.ciphertext, key_id=blob.key_id, uid="bench"
-                    ).SerializeToString(),
-                }
+                    requests = kms_requests(kms)
                 raw: dict[tuple[str, int], Result] = {}
                 for n in (1, 8):
-                    results = _raw_calls(bao, token, blob.ciphertext.decode(), n)
+                    ciphertext = v2_pb2.DecryptRequest.FromString(requests["Decrypt"]).ciphertext.decode()
+                    results = _raw_calls(bao, token, ciphertext, n)
                     raw["Encrypt", n], raw["Decrypt", n] = results["encrypt"], results["decrypt"]
                 for client, call in goclient.callers():
                     print(f"\nkleidi vault (OpenBao, transit aes256-gcm96), 32-byte data keys; client: {client}")
