@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent import futures
 from types import FrameType
 from typing import Any, TypeVar
@@ -22,7 +22,7 @@ from kleidi.errors import BackendUnavailable, ConfigError, InvalidInput, KleidiE
 from kleidi.health import HealthMonitor
 from kleidi.observability import Metrics, ProbeServer
 from kleidi.providers import build
-from kleidi.providers.base import Provider
+from kleidi.providers.base import Provider, Wrapped, fast_path
 
 log = logging.getLogger("kleidi.server")
 
@@ -41,9 +41,9 @@ class _Call:
     the loop itself, which saves the two thread wake-ups of the hop."""
 
     def __init__(
-        self, metrics: Metrics, health: HealthMonitor, api: str, pool: futures.ThreadPoolExecutor, inline: bool
+        self, metrics: Metrics, health: HealthMonitor, api: str, pool: futures.ThreadPoolExecutor, provider: Provider
     ) -> None:
-        self._inline = inline
+        self._provider = provider
         self._metrics = metrics
         self._health = health
         self._api = api
@@ -52,14 +52,25 @@ class _Call:
         self._ok = {m: metrics.requests.labels(api, m, "OK") for m in ("Encrypt", "Decrypt")}
 
     async def run(
-        self, method: str, uid: str, context: grpc.aio.ServicerContext, body: Callable[[float | None], T]
+        self,
+        method: str,
+        uid: str,
+        context: grpc.aio.ServicerContext,
+        body: Callable[[float | None], T],
+        fast: Callable[[float | None], Awaitable[T | None]] | None = None,
     ) -> T:
+        """``body`` does the work on a worker thread (or inline, for an inline-safe provider); ``fast``, when
+        given, is tried first on the loop and answers None to fall back to ``body``."""
         started = time.perf_counter()
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         code = grpc.StatusCode.OK
         try:
-            if self._inline:
+            if fast is not None:
+                answer = await fast(deadline)
+                if answer is not None:
+                    return answer
+            if self._provider.inline_safe:  # asked per call: the provider may say no while busy or reconnecting
                 return body(deadline)
             return await _offload(self._pool, body, deadline)
         except KleidiError as exc:
@@ -138,6 +149,27 @@ def _check_ciphertext(ciphertext: bytes) -> None:
         raise InvalidInput("ciphertext is empty")
 
 
+def _check_decrypt_request(ciphertext: bytes, annotations: Mapping[str, bytes]) -> None:
+    _check_ciphertext(ciphertext)
+    if annotations:
+        problems = contract.annotation_problems(annotations)
+        if problems:
+            raise InvalidInput("; ".join(problems))
+
+
+def _encrypt_response(wrapped: Wrapped) -> v2_pb2.EncryptResponse:
+    problems = (
+        contract.ciphertext_problems(wrapped.ciphertext)
+        + contract.key_id_problems(wrapped.key_id)
+        + contract.annotation_problems(wrapped.annotations)
+    )
+    if problems:  # a provider bug; the apiserver would reject the answer anyway
+        raise KleidiError("provider answer breaks the KMS contract: " + "; ".join(problems))
+    return v2_pb2.EncryptResponse(
+        ciphertext=wrapped.ciphertext, key_id=wrapped.key_id, annotations=dict(wrapped.annotations)
+    )
+
+
 class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
     """v2.KeyManagementService: Status from the cached health state; Encrypt/Decrypt through the provider."""
 
@@ -146,7 +178,8 @@ class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
     ) -> None:
         self._provider = provider
         self._health = health
-        self._call = _Call(metrics, health, contract.KMS_V2, pool, provider.inline_safe)
+        self._call = _Call(metrics, health, contract.KMS_V2, pool, provider)
+        self._fast = fast_path(provider)
         self._status_for: Any = None
         self._status: v2_pb2.StatusResponse = v2_pb2.StatusResponse()
 
@@ -162,34 +195,33 @@ class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
     ) -> v2_pb2.EncryptResponse:
         def body(deadline: float | None) -> v2_pb2.EncryptResponse:
             _check_plaintext(request.plaintext)
-            wrapped = self._provider.encrypt(request.plaintext, request.uid, deadline)
-            problems = (
-                contract.ciphertext_problems(wrapped.ciphertext)
-                + contract.key_id_problems(wrapped.key_id)
-                + contract.annotation_problems(wrapped.annotations)
-            )
-            if problems:  # a provider bug; the apiserver would reject the answer anyway
-                raise KleidiError("provider answer breaks the KMS contract: " + "; ".join(problems))
-            return v2_pb2.EncryptResponse(
-                ciphertext=wrapped.ciphertext, key_id=wrapped.key_id, annotations=dict(wrapped.annotations)
-            )
+            return _encrypt_response(self._provider.encrypt(request.plaintext, request.uid, deadline))
 
-        return await self._call.run("Encrypt", request.uid, context, body)
+        async def fast(deadline: float | None) -> v2_pb2.EncryptResponse | None:
+            assert self._fast is not None
+            _check_plaintext(request.plaintext)
+            wrapped = await self._fast.encrypt_fast(request.plaintext, deadline)
+            return None if wrapped is None else _encrypt_response(wrapped)
+
+        return await self._call.run("Encrypt", request.uid, context, body, fast if self._fast else None)
 
     async def Decrypt(
         self, request: v2_pb2.DecryptRequest, context: grpc.aio.ServicerContext
     ) -> v2_pb2.DecryptResponse:
+        annotations: Mapping[str, bytes] = request.annotations
+
         def body(deadline: float | None) -> v2_pb2.DecryptResponse:
-            _check_ciphertext(request.ciphertext)
-            annotations: Mapping[str, bytes] = request.annotations
-            if annotations:
-                problems = contract.annotation_problems(annotations)
-                if problems:
-                    raise InvalidInput("; ".join(problems))
+            _check_decrypt_request(request.ciphertext, annotations)
             plaintext = self._provider.decrypt(request.ciphertext, request.key_id, annotations, request.uid, deadline)
             return v2_pb2.DecryptResponse(plaintext=plaintext)
 
-        return await self._call.run("Decrypt", request.uid, context, body)
+        async def fast(deadline: float | None) -> v2_pb2.DecryptResponse | None:
+            assert self._fast is not None
+            _check_decrypt_request(request.ciphertext, annotations)
+            plaintext = await self._fast.decrypt_fast(request.ciphertext, request.key_id, annotations, deadline)
+            return None if plaintext is None else v2_pb2.DecryptResponse(plaintext=plaintext)
+
+        return await self._call.run("Decrypt", request.uid, context, body, fast if self._fast else None)
 
 
 class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):
@@ -199,7 +231,8 @@ class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):
         self, provider: Provider, health: HealthMonitor, metrics: Metrics, pool: futures.ThreadPoolExecutor
     ) -> None:
         self._provider = provider
-        self._call = _Call(metrics, health, contract.KMS_V1, pool, provider.inline_safe)
+        self._call = _Call(metrics, health, contract.KMS_V1, pool, provider)
+        self._fast = fast_path(provider)
         self._version = v1beta1_pb2.VersionResponse(
             version=contract.KMS_V1, runtime_name="kleidi", runtime_version=__version__
         )
@@ -210,17 +243,28 @@ class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):
     async def Encrypt(self, request: v1beta1_pb2.EncryptRequest, context: grpc.aio.ServicerContext) -> Any:
         def body(deadline: float | None) -> v1beta1_pb2.EncryptResponse:
             _check_plaintext(request.plain)
-            wrapped = self._provider.encrypt(request.plain, "", deadline)
-            return v1beta1_pb2.EncryptResponse(cipher=wrapped.ciphertext)
+            return v1beta1_pb2.EncryptResponse(cipher=self._provider.encrypt(request.plain, "", deadline).ciphertext)
 
-        return await self._call.run("Encrypt", "", context, body)
+        async def fast(deadline: float | None) -> v1beta1_pb2.EncryptResponse | None:
+            assert self._fast is not None
+            _check_plaintext(request.plain)
+            wrapped = await self._fast.encrypt_fast(request.plain, deadline)
+            return None if wrapped is None else v1beta1_pb2.EncryptResponse(cipher=wrapped.ciphertext)
+
+        return await self._call.run("Encrypt", "", context, body, fast if self._fast else None)
 
     async def Decrypt(self, request: v1beta1_pb2.DecryptRequest, context: grpc.aio.ServicerContext) -> Any:
         def body(deadline: float | None) -> v1beta1_pb2.DecryptResponse:
             _check_ciphertext(request.cipher)
             return v1beta1_pb2.DecryptResponse(plain=self._provider.decrypt(request.cipher, "", {}, "", deadline))
 
-        return await self._call.run("Decrypt", "", context, body)
+        async def fast(deadline: float | None) -> v1beta1_pb2.DecryptResponse | None:
+            assert self._fast is not None
+            _check_ciphertext(request.cipher)
+            plaintext = await self._fast.decrypt_fast(request.cipher, "", {}, deadline)
+            return None if plaintext is None else v1beta1_pb2.DecryptResponse(plain=plaintext)
+
+        return await self._call.run("Decrypt", "", context, body, fast if self._fast else None)
 
 
 class KleidiServer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, cast
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,3 +67,20 @@ class Provider(Protocol):
     def close(self) -> None:
         """Release sessions, connections and background work."""
         ...
+
+
+class FastPath(Protocol):
+    """Optional, for backends reached over the network: one attempt of Encrypt/Decrypt awaited on the server's
+    event loop, skipping the hand-off to a worker thread. None means "not now": the server then calls the
+    regular ``encrypt``/``decrypt`` on a worker, which owns retries and errors. May raise InvalidInput."""
+
+    async def encrypt_fast(self, plaintext: bytes, deadline: float | None = None) -> Wrapped | None: ...
+
+    async def decrypt_fast(
+        self, ciphertext: bytes, key_id: str, annotations: Mapping[str, bytes], deadline: float | None = None
+    ) -> bytes | None: ...
+
+
+def fast_path(provider: Provider) -> FastPath | None:
+    """The provider's fast path, if it has one."""
+    return cast(FastPath, provider) if callable(getattr(provider, "encrypt_fast", None)) else None

@@ -27,6 +27,7 @@ from kleidi.errors import (
 from kleidi.observability import Metrics
 from kleidi.providers.base import Wrapped
 from kleidi.providers.vault_auth import VaultAuth
+from kleidi.providers.vault_fast import FastTransit
 from kleidi.providers.vault_http import Reply, VaultHttp
 
 log = logging.getLogger("kleidi.vault")
@@ -34,6 +35,12 @@ log = logging.getLogger("kleidi.vault")
 # A transit ciphertext: "vault:v<version>:<base64>". The version says which key version made it.
 _CIPHERTEXT = re.compile(r"vault:v([1-9][0-9]{0,9}):[A-Za-z0-9+/]+={0,2}")
 _HEALTH_UID = "kleidi-health-check"
+
+
+def _no_annotations(annotations: Mapping[str, bytes]) -> None:
+    if annotations:
+        names = ", ".join(sorted(annotations))[:200]
+        raise InvalidInput(f"unexpected annotations ({names}): kleidi's vault provider writes none")
 
 
 class VaultProvider:
@@ -53,6 +60,7 @@ class VaultProvider:
         self._config = config
         self._http = VaultHttp(config, metrics)
         self._auth = VaultAuth(config, self._http, metrics)
+        self._fast = FastTransit(self._http)
         self._metrics = metrics
         mount = config.transit_mount.strip("/")
         key = config.key_name
@@ -100,6 +108,7 @@ class VaultProvider:
         uid: str,
         deadline: float | None = None,
     ) -> bytes:
+        _no_annotations(annotations)
         started = time.perf_counter()
         try:
             return self._decrypt(ciphertext, self._deadline(deadline))
@@ -108,6 +117,44 @@ class VaultProvider:
             raise
         finally:
             self._seconds["decrypt"].observe(time.perf_counter() - started)
+
+    async def encrypt_fast(self, plaintext: bytes, deadline: float | None = None) -> Wrapped | None:
+        """One attempt on the event loop; None sends the caller to ``encrypt`` (see vault_fast)."""
+        token, version = self._auth.peek(), self._version
+        if token is None or not version:
+            return None
+        payload = self._encrypt_payload(plaintext, version)
+        started = time.perf_counter()
+        reply = await self._fast.post(self._encrypt_path, "encrypt", token.value, payload, self._fast_timeout(deadline))
+        if reply is None or reply.status != 200:
+            return None
+        ciphertext, answered = self._transit_ciphertext(reply)
+        if answered not in self._created:
+            return None
+        self._seconds["encrypt"].observe(time.perf_counter() - started)
+        return Wrapped(ciphertext, self.key_id_for(answered))
+
+    async def decrypt_fast(
+        self, ciphertext: bytes, key_id: str, annotations: Mapping[str, bytes], deadline: float | None = None
+    ) -> bytes | None:
+        """One attempt on the event loop; None sends the caller to ``decrypt`` (see vault_fast)."""
+        _no_annotations(annotations)
+        payload = self._decrypt_payload(ciphertext)
+        token = self._auth.peek()
+        if token is None:
+            return None
+        started = time.perf_counter()
+        reply = await self._fast.post(self._decrypt_path, "decrypt", token.value, payload, self._fast_timeout(deadline))
+        if reply is None or reply.status != 200:
+            return None
+        plaintext = self._plaintext(reply)
+        self._seconds["decrypt"].observe(time.perf_counter() - started)
+        return plaintext
+
+    def _fast_timeout(self, deadline: float | None) -> float:
+        # Half of what is left: a fast attempt that stalls still leaves the regular path time to retry.
+        left = self._deadline(deadline) - time.monotonic()
+        return max(min(self._config.timeout, left / 2), 0.001)
 
     def check(self) -> None:
         """Encrypt and decrypt a random 32-byte probe, then read the key's latest version.
@@ -135,6 +182,7 @@ class VaultProvider:
 
     def close(self) -> None:
         self._auth.close()
+        self._fast.close()
         self._http.close()
 
     # --- transit ---------------------------------------------------------------------------------------------
@@ -147,7 +195,7 @@ class VaultProvider:
 
     def _encrypt(self, plaintext: bytes, deadline: float) -> Wrapped:
         version = self._version or self._refresh_key(deadline)
-        payload = {"plaintext": base64.b64encode(plaintext).decode(), "key_version": version}
+        payload = self._encrypt_payload(plaintext, version)
         reply = self._call("POST", self._encrypt_path, "encrypt", payload, deadline)
         if reply.status == 400 and "version" in " ".join(reply.errors):
             # The version Status reports can no longer encrypt (min_encryption_version raised, key replaced):
@@ -157,25 +205,39 @@ class VaultProvider:
             reply = self._call("POST", self._encrypt_path, "encrypt", payload, deadline)
         if reply.status != 200:
             raise self._error(reply, "encrypt")
+        ciphertext, version = self._transit_ciphertext(reply)
+        if version not in self._created:  # rotated since the last read: learn the new version's key_id
+            self._refresh_key(deadline)
+        return Wrapped(ciphertext, self.key_id_for(version))
+
+    def _encrypt_payload(self, plaintext: bytes, version: int) -> dict[str, Any]:
+        return {"plaintext": base64.b64encode(plaintext).decode(), "key_version": version}
+
+    def _transit_ciphertext(self, reply: Reply) -> tuple[bytes, int]:
         ciphertext = reply.data().get("ciphertext")
         match = _CIPHERTEXT.fullmatch(ciphertext) if isinstance(ciphertext, str) else None
         if match is None or not isinstance(ciphertext, str):
             raise BackendUnavailable(f"{self._describe}: encrypt answered without a transit ciphertext")
-        version = int(match.group(1))
-        if version not in self._created:  # rotated since the last read: learn the new version's key_id
-            self._refresh_key(deadline)
-        return Wrapped(ciphertext.encode("ascii"), self.key_id_for(version))
+        return ciphertext.encode("ascii"), int(match.group(1))
 
-    def _decrypt(self, ciphertext: bytes, deadline: float) -> bytes:
+    @staticmethod
+    def _decrypt_payload(ciphertext: bytes) -> dict[str, Any]:
+        """Checked locally first: garbage never costs a Vault round trip."""
         try:
             text = ciphertext.decode("ascii")
         except UnicodeDecodeError:
             raise InvalidInput("ciphertext is not a Vault transit ciphertext (vault:v<N>:<base64>)") from None
         if _CIPHERTEXT.fullmatch(text) is None:
             raise InvalidInput("ciphertext is not a Vault transit ciphertext (vault:v<N>:<base64>)")
-        reply = self._call("POST", self._decrypt_path, "decrypt", {"ciphertext": text}, deadline)
+        return {"ciphertext": text}
+
+    def _decrypt(self, ciphertext: bytes, deadline: float) -> bytes:
+        reply = self._call("POST", self._decrypt_path, "decrypt", self._decrypt_payload(ciphertext), deadline)
         if reply.status != 200:
             raise self._error(reply, "decrypt")
+        return self._plaintext(reply)
+
+    def _plaintext(self, reply: Reply) -> bytes:
         encoded = reply.data().get("plaintext")
         if not isinstance(encoded, str):
             raise BackendUnavailable(f"{self._describe}: decrypt answered without a plaintext")

@@ -108,6 +108,13 @@ class VaultAuth:
             return None
         return max(0.0, token.expires_at - time.monotonic())
 
+    def peek(self) -> VaultToken | None:
+        """The current token if it is valid now, without ever waiting for a login."""
+        token = self._token
+        if token is not None and not self._stale and not token.expired(time.monotonic()):
+            return token
+        return None
+
     def current(self, deadline: float) -> VaultToken:
         token = self._token
         if token is not None and not self._stale and not token.expired(time.monotonic()):

@@ -56,6 +56,14 @@ class Reply:
         data = self.body.get("data")
         return data if isinstance(data, dict) else {}
 
+    @classmethod
+    def parse(cls, status: int, raw: bytes) -> Reply:
+        try:
+            decoded = json.loads(raw) if raw else {}
+        except ValueError:
+            decoded = {}
+        return cls(status, decoded if isinstance(decoded, dict) else {})
+
 
 class TlsFailure(BackendUnavailable):
     """The TLS handshake failed (untrusted or mismatched certificate): retrying within a call will not help."""
@@ -167,8 +175,11 @@ class VaultHttp:
         self.redactor = Redactor()
         url = urllib.parse.urlsplit(self.address)
         self._base = url.path.rstrip("/")
+        self.scheme, self.host = url.scheme, url.hostname or ""
+        self.port = url.port or (443 if url.scheme == "https" else 80)
+        self.tls_generation = 0
         # No proxy or CA bundle from the environment: the config alone says where Vault is and whom to trust.
-        self._connections = _Connections(url.scheme, url.hostname or "", url.port, self._tls_context)
+        self._connections = _Connections(url.scheme, self.host, url.port, self.tls_context)
         self._headers = {"X-Vault-Request": "true", "Content-Type": "application/json"}
         if config.namespace:
             self._headers["X-Vault-Namespace"] = config.namespace.strip("/")
@@ -176,7 +187,7 @@ class VaultHttp:
         self._seconds: dict[str, Any] = {}
         self._counts: dict[tuple[str, str], Any] = {}
 
-    def _tls_context(self) -> ssl.SSLContext:
+    def tls_context(self) -> ssl.SSLContext:
         try:
             context = ssl.create_default_context(cafile=self.config.ca_cert)  # verification on, TLS 1.2 at least
         except (OSError, ssl.SSLError) as exc:
@@ -191,17 +202,16 @@ class VaultHttp:
 
     def reload_tls(self) -> None:
         """Re-read the CA and client certificate files (they may have been rotated) for new connections."""
+        self.tls_generation += 1
         self._connections.clear(reload_tls=True)
 
     def send(
         self, method: str, path: str, operation: str, token: str | None, payload: dict[str, Any] | None, timeout: float
     ) -> Reply:
         """One request to ``/v1/<path>``. Raises BackendUnavailable when no HTTP answer came back."""
-        headers = self._headers
-        if token:
-            headers = {**headers, "X-Vault-Token": token}
+        headers = self.headers(token)
         body = json.dumps(payload).encode() if payload is not None else None
-        target = f"{self._base}/v1/{path}"
+        target = self.target(path)
         started = time.perf_counter()
         status = "error"
         try:
@@ -225,11 +235,7 @@ class VaultHttp:
                     self._connections.put(conn)
                 break
             status = str(response.status)
-            try:
-                decoded = json.loads(data) if data else {}
-            except ValueError:
-                decoded = {}
-            return Reply(response.status, decoded if isinstance(decoded, dict) else {})
+            return Reply.parse(response.status, data)
         except TimeoutError:
             status = "timeout"
             raise BackendUnavailable(f"Vault at {self.address} did not answer {operation} in {timeout:.3g}s") from None
@@ -240,15 +246,24 @@ class VaultHttp:
         except (OSError, http.client.HTTPException) as exc:
             raise BackendUnavailable(f"connection to Vault at {self.address} failed ({type(exc).__name__})") from None
         finally:
-            elapsed = time.perf_counter() - started
-            seconds = self._seconds.get(operation)
-            if seconds is None:
-                seconds = self._seconds[operation] = self._metrics.vault_request_seconds.labels(operation)
-            seconds.observe(elapsed)
-            count = self._counts.get((operation, status))
-            if count is None:
-                count = self._counts[(operation, status)] = self._metrics.vault_requests.labels(operation, status)
-            count.inc()
+            self.record(operation, status, time.perf_counter() - started)
+
+    def headers(self, token: str | None) -> dict[str, str]:
+        return {**self._headers, "X-Vault-Token": token} if token else self._headers
+
+    def target(self, path: str) -> str:
+        return f"{self._base}/v1/{path}"
+
+    def record(self, operation: str, status: str, elapsed: float) -> None:
+        """Count one attempt in the Vault request metrics."""
+        seconds = self._seconds.get(operation)
+        if seconds is None:
+            seconds = self._seconds[operation] = self._metrics.vault_request_seconds.labels(operation)
+        seconds.observe(elapsed)
+        count = self._counts.get((operation, status))
+        if count is None:
+            count = self._counts[(operation, status)] = self._metrics.vault_requests.labels(operation, status)
+        count.inc()
 
     def call(
         self,
