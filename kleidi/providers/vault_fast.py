@@ -74,6 +74,10 @@ class FastTransit:
             if conn is not None:
                 conn.close()
             return None  # the regular path will try again, and report what is wrong
+        except BaseException:  # cancelled (the caller's deadline): a half-read connection is never reused
+            if conn is not None:
+                conn.close()
+            raise
         finally:
             http.record(operation, status, time.perf_counter() - started)
 
