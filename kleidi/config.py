@@ -70,6 +70,8 @@ def read_secret(file_path: str | None, env_name: str | None, what: str) -> str:
             value = Path(file_path).read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             raise ConfigError(f"{what}: cannot read {file_path}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{what}: {file_path} is not UTF-8 text") from None
         if not value:
             raise ConfigError(f"{what}: {file_path} is empty")
         return value
@@ -192,6 +194,14 @@ class Config(_Section):
     def _check(self) -> Config:
         if getattr(self, self.provider) is None:
             raise ValueError(f"provider is {self.provider} but the {self.provider} section is missing")
+        # A check may legitimately take as long as the backend's own timeout; only beyond that is it hung.
+        if self.vault is not None and self.provider == "vault":
+            longest, name = self.vault.timeout, "vault.timeout"
+        else:
+            assert self.pkcs11 is not None
+            longest, name = max(self.pkcs11.session_timeout, 1.0), "pkcs11.session_timeout"
+        if self.health_timeout <= longest:
+            raise ValueError(f"health_timeout must be longer than {name} ({longest:g}s), or healthy checks look hung")
         return self
 
     @field_validator("listen")
@@ -286,10 +296,10 @@ def validate(data: dict[str, Any]) -> Config:
 def describe(exc: ValidationError) -> str:
     """One line naming the field and what is wrong with it (never the field's value)."""
     err = exc.errors(include_url=False, include_input=False)[0]
-    field = ".".join(str(part) for part in err["loc"]) or "(top level)"
+    field = ".".join(str(part) for part in err["loc"])
     if err["type"] == "extra_forbidden":
         return f"config: {field}: unknown key"
     if err["type"] == "missing":
         return f"config: {field}: required but missing"
     message = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
-    return f"config: {field}: {message}"
+    return f"config: {field}: {message}" if field else f"config: {message}"

@@ -52,3 +52,15 @@ class AuthFailed(KleidiError):
 
     code = grpc.StatusCode.UNAVAILABLE
     kind = "auth_failed"
+
+
+class WouldBlock(BackendUnavailable):
+    """An inline call (on the server's event loop) would have to wait; the server hands it to a worker instead."""
+
+    kind = "would_block"
+
+
+class DeadlinePassed(BackendUnavailable):
+    """The caller's deadline passed before its request reached the backend: load, not a backend failure."""
+
+    kind = "deadline_passed"

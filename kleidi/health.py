@@ -58,6 +58,7 @@ class HealthMonitor:
         since = self._running_since
         if since is not None and time.monotonic() - since > self._hung_after:
             state = self._state
+            self._metrics.healthy.set(0)  # the next finished check sets it again
             return HealthState(
                 False,
                 f"backend check has not returned for {time.monotonic() - since:.0f}s",

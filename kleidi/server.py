@@ -18,11 +18,11 @@ import grpc
 from kleidi import __version__, contract, unixsocket
 from kleidi.api import v1beta1_pb2, v1beta1_pb2_grpc, v2_pb2, v2_pb2_grpc
 from kleidi.config import Config
-from kleidi.errors import BackendUnavailable, ConfigError, InvalidInput, KleidiError
+from kleidi.errors import ConfigError, DeadlinePassed, InvalidInput, KleidiError, WouldBlock
 from kleidi.health import HealthMonitor
 from kleidi.observability import Metrics, ProbeServer
 from kleidi.providers import build
-from kleidi.providers.base import Provider, Wrapped, fast_path
+from kleidi.providers.base import INLINE, FastPath, Provider, Wrapped, fast_path
 
 log = logging.getLogger("kleidi.server")
 
@@ -71,15 +71,25 @@ class _Call:
                 if answer is not None:
                     return answer
             if self._provider.inline_safe:  # asked per call: the provider may say no while busy or reconnecting
-                return body(deadline)
+                token = INLINE.set(True)
+                try:
+                    return body(deadline)
+                except WouldBlock:
+                    pass  # it would have waited (no free session, a reconnect): a worker does it instead
+                finally:
+                    INLINE.reset(token)
             return await _offload(self._pool, body, deadline)
         except KleidiError as exc:
             code = exc.code
-            log.warning(
+            # A request that expired in the queue says the plugin is overloaded, not that the backend failed:
+            # no health check is forced, and one line per request would only flood the log.
+            overloaded = isinstance(exc, DeadlinePassed)
+            log.log(
+                logging.DEBUG if overloaded else logging.WARNING,
                 "request failed",
                 extra={"api": self._api, "method": method, "uid": uid, "error": exc.kind, "reason": str(exc)},
             )
-            if code == grpc.StatusCode.UNAVAILABLE:
+            if code == grpc.StatusCode.UNAVAILABLE and not overloaded:
                 self._health.poke()
             await context.abort(code, str(exc))
             raise AssertionError("unreachable") from None  # abort() always raises
@@ -115,7 +125,7 @@ async def _offload(pool: futures.ThreadPoolExecutor, body: Callable[[float | Non
     def job() -> None:
         # Queued behind slow calls: a request whose caller has given up must not cost the backend anything.
         if done.cancelled() or (deadline is not None and time.monotonic() >= deadline):
-            loop.call_soon_threadsafe(_settle, done, None, BackendUnavailable("deadline passed while queued"))
+            loop.call_soon_threadsafe(_settle, done, None, DeadlinePassed("deadline passed while queued"))
             return
         try:
             result = body(deadline)
@@ -126,6 +136,11 @@ async def _offload(pool: futures.ThreadPoolExecutor, body: Callable[[float | Non
 
     pool.submit(job)
     return await done
+
+
+async def _close_fast(fast: FastPath) -> None:
+    fast.close_fast()
+    await asyncio.sleep(0)  # let the transports run their close callbacks
 
 
 def _settle(done: asyncio.Future[T], result: T | None, exc: BaseException | None) -> None:
@@ -360,6 +375,9 @@ class KleidiServer:
                 stopping = asyncio.run_coroutine_threadsafe(self._grpc.stop(self.config.shutdown_grace), loop)
                 stopping.result(self.config.shutdown_grace + 10)
                 unixsocket.remove(self.config.socket_path, self._inode)
+            fast = fast_path(self.provider)
+            if fast is not None:  # its connections belong to the loop: close them there, while it still runs
+                asyncio.run_coroutine_threadsafe(_close_fast(fast), loop).result(5)
             loop.call_soon_threadsafe(loop.stop)
             if self._loop_thread is not None:
                 self._loop_thread.join(10)

@@ -72,6 +72,7 @@ def test_the_documented_example_loads_with_defaults(tmp_path: Path) -> None:
             "hmac_key_label is required",
         ),
         ({"provider": "vault"}, "the vault section is missing"),
+        ({"health_timeout": "1s"}, "config: health_timeout must be longer than pkcs11.session_timeout (2s)"),
     ],
 )
 def test_errors_name_the_field(tmp_path: Path, change: dict[str, object], message: str) -> None:

@@ -71,8 +71,8 @@ def _config(tmp_path: Path, **settings: object) -> Config:
             "listen": f"unix://{tmp_path}/run/k.sock",
             "metrics_listen": "127.0.0.1:0",
             "health_interval": "100ms",
-            "health_timeout": "1s",
-            "pkcs11": {"token_label": "t", "pin_env": "UNUSED", "key_label": "k"},
+            "health_timeout": "1500ms",
+            "pkcs11": {"token_label": "t", "pin_env": "UNUSED", "key_label": "k", "session_timeout": "500ms"},
             **settings,
         }
     )
@@ -166,7 +166,7 @@ def test_a_hung_health_check_turns_status_unhealthy(running: tuple[KleidiServer,
     _, provider, client = running
     provider.check_blocks.set()
     assert provider.stuck.wait(5)
-    assert client.status().healthz == "ok"  # within health_timeout (1 s) the last answer stands
+    assert client.status().healthz == "ok"  # within health_timeout (1.5 s) the last answer stands
     status = wait_for(lambda: (s := client.status()).healthz != "ok" and s, 5, "Status to report the hang")
     assert status.healthz.startswith("backend check has not returned for") and status.key_id == "faulty-key-1"
     provider.check_blocks.clear()

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol, cast
+
+# Set by the server while it runs a call inline on its event loop: the provider must then never wait or
+# reconnect, and raises kleidi.errors.WouldBlock instead, so the server hands the call to a worker.
+INLINE: ContextVar[bool] = ContextVar("kleidi_inline", default=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +84,10 @@ class FastPath(Protocol):
     async def decrypt_fast(
         self, ciphertext: bytes, key_id: str, annotations: Mapping[str, bytes], deadline: float | None = None
     ) -> bytes | None: ...
+
+    def close_fast(self) -> None:
+        """Close what the fast path holds; called on the event loop before it stops."""
+        ...
 
 
 def fast_path(provider: Provider) -> FastPath | None:

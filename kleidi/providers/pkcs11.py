@@ -26,9 +26,10 @@ from kleidi.errors import (
     InvalidInput,
     KeyNotFound,
     KleidiError,
+    WouldBlock,
 )
 from kleidi.observability import Metrics
-from kleidi.providers.base import Wrapped
+from kleidi.providers.base import INLINE, Wrapped
 from kleidi.providers.pkcs11_blob import (
     AES_BLOCK,
     CBC_IV_BYTES,
@@ -223,16 +224,21 @@ class Pkcs11Provider:
     def _run(self, operation: str, deadline: float | None, op: Callable[[Session], T]) -> T:
         """Run ``op`` on a pooled session; retry once on a fresh connection if the token connection was lost."""
         started = time.perf_counter()
+        inline = INLINE.get()
         try:
             for attempt in (1, 2):
                 try:
-                    with self._token.session(deadline) as sess:
+                    with self._token.session(deadline, nowait=inline) as sess:
                         return op(sess)
                 except PyKCS11.PyKCS11Error as exc:
                     if exc.value in LOST and attempt == 1 and (deadline is None or time.monotonic() < deadline):
+                        if inline:  # reconnecting is slow: not on the event loop, a worker does it
+                            raise WouldBlock("token connection lost") from None
                         continue
                     raise self._translate(exc, operation) from None
             raise AssertionError("unreachable")
+        except WouldBlock:
+            raise  # not a failure: the server retries the call on a worker
         except KleidiError as exc:
             self._errors.labels(self.name, operation, exc.kind).inc()
             raise

@@ -18,7 +18,7 @@ from typing import Any
 import PyKCS11
 
 from kleidi.config import Pkcs11Config
-from kleidi.errors import AuthFailed, BackendUnavailable, ConfigError, KleidiError
+from kleidi.errors import AuthFailed, BackendUnavailable, ConfigError, KleidiError, WouldBlock
 
 log = logging.getLogger("kleidi.pkcs11")
 
@@ -81,14 +81,15 @@ class Session:
 class _Lease:
     """``with token.session(deadline) as sess``: a class rather than a generator, as it runs on every call."""
 
-    __slots__ = ("_deadline", "_sess", "_token")
+    __slots__ = ("_deadline", "_nowait", "_sess", "_token")
 
-    def __init__(self, token: Token, deadline: float | None) -> None:
+    def __init__(self, token: Token, deadline: float | None, nowait: bool) -> None:
         self._token = token
         self._deadline = deadline
+        self._nowait = nowait
 
     def __enter__(self) -> Session:
-        self._sess = self._token._checkout(self._deadline)
+        self._sess = self._token._checkout(self._deadline, self._nowait)
         return self._sess
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
@@ -122,13 +123,14 @@ class Token:
         conn = self._conn
         return conn.serial if conn is not None else ""
 
-    def session(self, deadline: float | None) -> _Lease:
+    def session(self, deadline: float | None, nowait: bool = False) -> _Lease:
         """Check out a logged-in session, connecting first if needed; waits for a free one until ``deadline``.
 
         A PKCS#11 error inside the block that means the token or session is gone throws the connection away."""
-        return _Lease(self, deadline)
+        return _Lease(self, deadline, nowait)
 
-    def _checkout(self, deadline: float | None) -> Session:
+    def _checkout(self, deadline: float | None, nowait: bool = False) -> Session:
+        """``nowait``: for a caller on the event loop, raise WouldBlock rather than wait or connect."""
         now = time.monotonic()
         if deadline is not None and deadline <= now:
             raise BackendUnavailable("the request's deadline passed before a PKCS#11 session was free")
@@ -140,11 +142,19 @@ class Token:
                     raise BackendUnavailable("kleidi is shutting down")
                 conn = self._conn
                 if conn is None:
-                    self._connect_locked(until)
+                    if nowait:
+                        raise WouldBlock("no live token connection")
+                    try:
+                        self._connect_locked(until)
+                    except KleidiError as exc:
+                        self._last_failure = exc
+                        raise
                     continue
                 if conn.idle:
                     conn.borrowed += 1
                     return Session(conn.idle.pop(), conn)
+                if nowait:
+                    raise WouldBlock("no free session")
                 left = until - time.monotonic()
                 if left <= 0 or not self._cond.wait(left):
                     raise BackendUnavailable(
@@ -196,27 +206,23 @@ class Token:
         # Calls still running on the lost connection must finish before its module can be unloaded.
         if not self._cond.wait_for(lambda: not self._dying, max(until - now, 0.0)):
             raise BackendUnavailable("token connection lost; waiting for in-flight calls before reconnecting")
-        if self._conn is not None or self._connecting:
-            return  # someone else connected (or is connecting) while we waited; the caller loops
+        if self._conn is not None or self._connecting or self._closed:
+            return  # someone else connected (or is connecting, or we closed) while we waited; the caller loops
         self._connecting = True
         self._last_attempt = time.monotonic()
         self._cond.release()
         try:
             conn = self._open()
-        except KleidiError as exc:
+        finally:  # whatever _open raised, the lock is held again before anything else is touched
             self._cond.acquire()
-            self._last_failure = exc
-            raise
-        else:
-            self._cond.acquire()
-            self._last_failure = None
-            if self._closed:
-                _unload(conn.lib)
-            else:
-                self._conn = conn
-        finally:
             self._connecting = False
             self._cond.notify_all()
+        # (an exception from _open has left through the finally above, recorded by the caller's handler below)
+        self._last_failure = None
+        if self._closed:
+            _unload(conn.lib)
+        else:
+            self._conn = conn
 
     def _open(self) -> _Connection:
         cfg = self._cfg

@@ -37,6 +37,11 @@ _CIPHERTEXT = re.compile(r"vault:v([1-9][0-9]{0,9}):[A-Za-z0-9+/]+={0,2}")
 _HEALTH_UID = "kleidi-health-check"
 
 
+def _final(reply: Reply) -> bool:
+    """A transit answer that asking again, or logging in again, cannot change (400 bad input, 404 no key)."""
+    return reply.status in (400, 404)
+
+
 def _no_annotations(annotations: Mapping[str, bytes]) -> None:
     if annotations:
         names = ", ".join(sorted(annotations))[:200]
@@ -127,8 +132,13 @@ class VaultProvider:
         started = time.perf_counter()
         reply = await self._fast.post(self._encrypt_path, "encrypt", token.value, payload, self._fast_timeout(deadline))
         if reply is None or reply.status != 200:
+            if reply is not None and _final(reply) and "version" not in " ".join(reply.errors):
+                raise self._error(reply, "encrypt")
             return None
-        ciphertext, answered = self._transit_ciphertext(reply)
+        try:
+            ciphertext, answered = self._transit_ciphertext(reply)
+        except KleidiError:
+            return None  # an odd answer: the regular path asks again and reports it
         if answered not in self._created:
             return None
         self._seconds["encrypt"].observe(time.perf_counter() - started)
@@ -146,10 +156,18 @@ class VaultProvider:
         started = time.perf_counter()
         reply = await self._fast.post(self._decrypt_path, "decrypt", token.value, payload, self._fast_timeout(deadline))
         if reply is None or reply.status != 200:
+            if reply is not None and _final(reply):
+                raise self._error(reply, "decrypt")  # tampered, unknown version: asking again would not help
             return None
-        plaintext = self._plaintext(reply)
+        try:
+            plaintext = self._plaintext(reply)
+        except KleidiError:
+            return None
         self._seconds["decrypt"].observe(time.perf_counter() - started)
         return plaintext
+
+    def close_fast(self) -> None:
+        self._fast.close()
 
     def _fast_timeout(self, deadline: float | None) -> float:
         # Half of what is left: a fast attempt that stalls still leaves the regular path time to retry.
@@ -157,20 +175,19 @@ class VaultProvider:
         return max(min(self._config.timeout, left / 2), 0.001)
 
     def check(self) -> None:
-        """Encrypt and decrypt a random 32-byte probe, then read the key's latest version.
+        """Read the key's latest version, prove it with an encrypt+decrypt round trip, then publish it.
 
-        The version is read last, so Status (which the health loop builds right after this returns) and the
-        next Encrypt switch to a rotated version together."""
+        Only here does the current version change, so Status (which the health loop builds right after this
+        returns) and every Encrypt switch to a rotated version together."""
         started = time.perf_counter()
         deadline = time.monotonic() + self._config.timeout
         try:
-            if not self._version:
-                self._refresh_key(deadline)
+            latest = self._refresh_key(deadline)
             probe = os.urandom(32)
-            wrapped = self._encrypt(probe, deadline)
+            wrapped = self._encrypt(probe, deadline, latest)
             if not hmac.compare_digest(self._decrypt(wrapped.ciphertext, deadline), probe):
                 raise KleidiError(f"Vault round trip through {self._describe} returned a different plaintext")
-            self._refresh_key(deadline)
+            self._publish(latest)
             left = self._auth.ttl_left()
             if left is not None and left != float("inf"):
                 self._metrics.vault_token_ttl.set(left)
@@ -193,22 +210,23 @@ class VaultProvider:
     def _call(self, method: str, path: str, operation: str, payload: dict[str, Any] | None, deadline: float) -> Reply:
         return self._http.call(method, path, operation, payload, deadline, auth=self._auth)
 
-    def _encrypt(self, plaintext: bytes, deadline: float) -> Wrapped:
-        version = self._version or self._refresh_key(deadline)
+    def _encrypt(self, plaintext: bytes, deadline: float, version: int = 0) -> Wrapped:
+        """Encrypt under ``version``, by default the published one, so the key_id agrees with Status."""
+        if not version:
+            version = self._version or self._publish(self._refresh_key(deadline))
         payload = self._encrypt_payload(plaintext, version)
         reply = self._call("POST", self._encrypt_path, "encrypt", payload, deadline)
         if reply.status == 400 and "version" in " ".join(reply.errors):
-            # The version Status reports can no longer encrypt (min_encryption_version raised, key replaced):
-            # learn the current one and use it; the health loop will show it in Status.
-            log.warning("transit refused the key version; re-reading the key", extra={"version": version})
-            payload["key_version"] = self._refresh_key(deadline)
-            reply = self._call("POST", self._encrypt_path, "encrypt", payload, deadline)
+            # The version Status reports can no longer encrypt (min_encryption_version raised): answering with
+            # another key_id than Status would break the apiserver's rotation, so fail until the health check
+            # (run at once: this is UNAVAILABLE) has proven and published the new version.
+            raise BackendUnavailable(f"{self._describe}: version {version} may no longer encrypt; switching versions")
         if reply.status != 200:
             raise self._error(reply, "encrypt")
-        ciphertext, version = self._transit_ciphertext(reply)
-        if version not in self._created:  # rotated since the last read: learn the new version's key_id
+        ciphertext, answered = self._transit_ciphertext(reply)
+        if answered not in self._created:
             self._refresh_key(deadline)
-        return Wrapped(ciphertext, self.key_id_for(version))
+        return Wrapped(ciphertext, self.key_id_for(answered))
 
     def _encrypt_payload(self, plaintext: bytes, version: int) -> dict[str, Any]:
         return {"plaintext": base64.b64encode(plaintext).decode(), "key_version": version}
@@ -246,8 +264,18 @@ class VaultProvider:
         except binascii.Error:
             raise BackendUnavailable(f"{self._describe}: decrypt answered with a malformed plaintext") from None
 
+    def _publish(self, version: int) -> int:
+        """Make ``version`` the one Status reports and Encrypt uses."""
+        with self._key_lock:
+            if version != self._version:
+                if self._version:
+                    log.info("transit key rotated", extra={"from_version": self._version, "to_version": version})
+                self._version = version
+                self._key_id = self.key_id_for(version)
+        return version
+
     def _refresh_key(self, deadline: float) -> int:
-        """Read the transit key; remember (and return) its latest version and the matching key_id."""
+        """Read the transit key: learn every version's creation time, and return the latest version."""
         reply = self._call("GET", self._read_path, "read_key", None, deadline)
         if reply.status != 200:
             raise self._error(reply, "read_key")
@@ -269,11 +297,6 @@ class VaultProvider:
             raise BackendUnavailable(f"{self._describe}: key read did not list version {latest}")
         with self._key_lock:
             self._created.update(created)
-            if latest != self._version:
-                if self._version:
-                    log.info("transit key rotated", extra={"from_version": self._version, "to_version": latest})
-                self._version = latest
-                self._key_id = self.key_id_for(latest)
         return latest
 
     def _error(self, reply: Reply, operation: str) -> KleidiError:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import ssl
 import time
 from typing import Any
 
@@ -45,8 +44,8 @@ class FastTransit:
     def __init__(self, http: VaultHttp) -> None:
         self._http = http
         self._idle: list[_Connection] = []
-        self._tls: ssl.SSLContext | None = None
         self._tls_generation = 0
+        self._busy = 0
 
     async def post(
         self, path: str, operation: str, token: str, payload: dict[str, Any], timeout: float
@@ -56,12 +55,17 @@ class FastTransit:
         head = [f"POST {http.target(path)} HTTP/1.1", f"Host: {http.host}:{http.port}", f"Content-Length: {len(body)}"]
         head += [f"{name}: {value}" for name, value in http.headers(token).items()]
         request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        if self._busy >= _POOL_SIZE:
+            return None  # a burst beyond the pool: the worker path (bounded by ``workers``) takes the rest
+        self._busy += 1
         started = time.perf_counter()
         status = "error"
         conn: _Connection | None = None
         try:
             async with asyncio.timeout(timeout):
                 conn = await self._connection()
+                if conn is None:
+                    return None
                 conn.writer.write(request)
                 code, keep_alive, data = await _read_response(conn.reader)
             status = str(code)
@@ -70,30 +74,37 @@ class FastTransit:
             else:
                 conn.close()
             return Reply.parse(code, data)
-        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+            status = "timeout" if isinstance(exc, TimeoutError) else "error"
             if conn is not None:
                 conn.close()
             return None  # the regular path will try again, and report what is wrong
         except BaseException:  # cancelled (the caller's deadline): a half-read connection is never reused
+            status = "cancelled"
             if conn is not None:
                 conn.close()
             raise
         finally:
+            self._busy -= 1
             http.record(operation, status, time.perf_counter() - started)
 
-    async def _connection(self) -> _Connection:
+    async def _connection(self) -> _Connection | None:
+        http = self._http
+        if self._tls_generation != http.tls_generation:  # certificates were re-read (cert login): reconnect
+            self._tls_generation = http.tls_generation
+            self.close()
         while self._idle:
             conn = self._idle.pop()
             if conn.usable():
                 return conn
             conn.close()
-        http = self._http
         tls = None
         if http.scheme == "https":
-            if self._tls is None or self._tls_generation != http.tls_generation:
-                # certificates re-read since (cert login reloads them): build the context again
-                self._tls_generation, self._tls = http.tls_generation, http.tls_context()
-            tls = self._tls
+            # Loading certificate files is blocking work: the regular path does it on a worker, this path
+            # only borrows the result, and steps aside until there is one.
+            tls = http.built_tls_context()
+            if tls is None:
+                return None
         reader, writer = await asyncio.open_connection(
             http.host, http.port, ssl=tls, server_hostname=http.host if tls else None
         )
@@ -143,8 +154,13 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, bytes
             body += await reader.readexactly(size)
             await reader.readexactly(2)
         return code, keep_alive, bytes(body)
-    if length is None:
-        return code, False, await reader.read(_MAX_BODY)  # delimited by close
+    if length is None:  # delimited by the server closing the connection
+        body = bytearray()
+        while chunk := await reader.read(_MAX_BODY):
+            body += chunk
+            if len(body) > _MAX_BODY:
+                raise ValueError("response too large")
+        return code, False, bytes(body)
     if length > _MAX_BODY:
         raise ValueError("response too large")
     return code, keep_alive, await reader.readexactly(length)

@@ -136,6 +136,11 @@ class _Connections:
             return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=context), False
         return http.client.HTTPConnection(self._host, self._port, timeout=timeout), False
 
+    @property
+    def context(self) -> ssl.SSLContext | None:
+        """The TLS context, once a connection has needed it."""
+        return self._context
+
     def put(self, conn: http.client.HTTPConnection) -> None:
         with self._lock:
             if len(self._idle) < _POOL_SIZE:
@@ -199,6 +204,10 @@ class VaultHttp:
             except (OSError, ssl.SSLError) as exc:
                 raise TlsFailure(f"cannot load client_cert {auth.client_cert}: {_os_reason(exc)}") from None
         return context
+
+    def built_tls_context(self) -> ssl.SSLContext | None:
+        """The TLS context the regular connections use, if it has been built (on a worker thread) yet."""
+        return self._connections.context
 
     def reload_tls(self) -> None:
         """Re-read the CA and client certificate files (they may have been rotated) for new connections."""
