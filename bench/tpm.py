@@ -105,7 +105,11 @@ def run(calls: int = CALLS, client_counts: Sequence[int] = (1, 8), pool_size: in
     ]
     print("\n".join(lines), flush=True)
     with tempfile.TemporaryDirectory(prefix="kleidi-bench-tpm-") as work, SoftwareTPM() as tpm:
-        config = {"provider": "pkcs11", "pkcs11": tpm.pkcs11_config(pool_size=pool_size, session_timeout="30s")}
+        config = {
+            "provider": "pkcs11",
+            "health_timeout": "40s",  # longer than the session wait below
+            "pkcs11": tpm.pkcs11_config(pool_size=pool_size, session_timeout="30s"),
+        }
         with KleidiProcess(Path(work) / "kleidi", config, env={**os.environ, **tpm.env}) as plugin:
             plugin.start()
             plugin.wait_healthy(30)
