@@ -98,7 +98,8 @@ class HealthMonitor:
         self._state = state
         self._running_since = None
         self._metrics.set_health(state.ok, state.key_id)
-        log.debug("backend check", extra={"ok": state.ok, "check_ms": round((time.monotonic() - started) * 1000, 2)})
+        check_ms = round((time.monotonic() - started) * 1000, 2)
+        log.debug("backend check", extra={"ok": state.ok, "check_ms": check_ms})
         if state.ok != previous.ok or state.key_id != previous.key_id or state.reason != previous.reason:
             log.log(
                 logging.INFO if state.ok else logging.WARNING,
@@ -106,7 +107,7 @@ class HealthMonitor:
                 extra={
                     "reason": state.reason,
                     "key_id": state.key_id,
-                    "check_ms": round((time.monotonic() - started) * 1000, 2),
+                    "check_ms": check_ms,
                 },
             )
         return state

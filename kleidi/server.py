@@ -48,7 +48,7 @@ class _Call:
         self._health = health
         self._api = api
         self._pool = pool
-        self._latency = {m: metrics.request_seconds.labels(api, m) for m in ("Encrypt", "Decrypt", "Status", "Version")}
+        self._latency = {m: metrics.request_seconds.labels(api, m) for m in ("Encrypt", "Decrypt")}
         self._ok = {m: metrics.requests.labels(api, m, "OK") for m in ("Encrypt", "Decrypt")}
 
     async def run(
@@ -359,10 +359,6 @@ class KleidiServer:
     def _probe_health(self) -> tuple[bool, str]:
         state = self.health.state
         return state.ok, state.reason
-
-    @property
-    def probe_address(self) -> tuple[str, int] | None:
-        return self._probes.address if self._probes is not None else None
 
     def stop(self) -> None:
         """Drain in-flight calls (up to shutdown_grace), then remove the socket and release the backend."""

@@ -7,6 +7,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol, cast
 
+from kleidi.errors import InvalidInput
+
 # Set by the server while it runs a call inline on its event loop: the provider must then never wait or
 # reconnect, and raises kleidi.errors.WouldBlock instead, so the server hands the call to a worker.
 INLINE: ContextVar[bool] = ContextVar("kleidi_inline", default=False)
@@ -88,6 +90,13 @@ class FastPath(Protocol):
     def close_fast(self) -> None:
         """Close what the fast path holds; called on the event loop before it stops."""
         ...
+
+
+def reject_annotations(annotations: Mapping[str, bytes], provider: str) -> None:
+    """For providers that write no annotations: any on a Decrypt request did not come from them."""
+    if annotations:
+        names = ", ".join(sorted(annotations))[:200]
+        raise InvalidInput(f"unexpected annotations ({names}): kleidi's {provider} provider writes none")
 
 
 def fast_path(provider: Provider) -> FastPath | None:

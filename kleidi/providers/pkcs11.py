@@ -29,7 +29,7 @@ from kleidi.errors import (
     WouldBlock,
 )
 from kleidi.observability import Metrics
-from kleidi.providers.base import INLINE, Wrapped
+from kleidi.providers.base import INLINE, Wrapped, reject_annotations
 from kleidi.providers.pkcs11_blob import (
     AES_BLOCK,
     CBC_IV_BYTES,
@@ -156,7 +156,6 @@ class Pkcs11Provider:
         self._key_id = ""
         # KEKs found for decryption. Handles belong to one connection; an entry from an older one is looked up again.
         self._keks: dict[KeyRef, _Kek] = {}
-        self._metrics = metrics
         self._time = {op: metrics.backend_seconds.labels(self.name, op) for op in ("encrypt", "decrypt", "check")}
         self._errors = metrics.backend_errors
 
@@ -179,9 +178,7 @@ class Pkcs11Provider:
         uid: str,
         deadline: float | None = None,
     ) -> bytes:
-        if annotations:
-            names = ", ".join(sorted(annotations))[:200]
-            raise InvalidInput(f"unexpected annotations ({names}): kleidi's pkcs11 provider writes none")
+        reject_annotations(annotations, self.name)
         blob = parse(ciphertext)
         if key_id and key_id != blob.ref.key_id:
             raise InvalidInput("key_id does not match the key reference inside the ciphertext")

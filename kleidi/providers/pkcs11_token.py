@@ -62,7 +62,6 @@ def ckr_name(exc: PyKCS11.PyKCS11Error) -> str:
 class _Connection:
     lib: Any
     slot: int
-    serial: str
     idle: list[Any]
     borrowed: int = 0
     dead: bool = False
@@ -117,11 +116,6 @@ class Token:
         self._last_attempt = 0.0
         # The digest of a PIN the token refused: that PIN is never offered again, a new one is.
         self._rejected_pin: bytes | None = None
-
-    @property
-    def serial(self) -> str:
-        conn = self._conn
-        return conn.serial if conn is not None else ""
 
     def session(self, deadline: float | None, nowait: bool = False) -> _Lease:
         """Check out a logged-in session, connecting first if needed; waits for a free one until ``deadline``.
@@ -276,7 +270,7 @@ class Token:
             _unload(lib)
             raise
         log.info("token connected", extra={"token": cfg.token_label, "serial": serial, "sessions": len(sessions)})
-        return _Connection(lib, slot, serial, sessions)
+        return _Connection(lib, slot, sessions)
 
     def _find_slot(self, lib: Any) -> tuple[int, str]:
         label = self._cfg.token_label

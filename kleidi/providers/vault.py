@@ -25,7 +25,7 @@ from kleidi.errors import (
     KleidiError,
 )
 from kleidi.observability import Metrics
-from kleidi.providers.base import Wrapped
+from kleidi.providers.base import Wrapped, reject_annotations
 from kleidi.providers.vault_auth import VaultAuth
 from kleidi.providers.vault_fast import FastTransit
 from kleidi.providers.vault_http import Reply, VaultHttp
@@ -34,7 +34,6 @@ log = logging.getLogger("kleidi.vault")
 
 # A transit ciphertext: "vault:v<version>:<base64>". The version says which key version made it.
 _CIPHERTEXT = re.compile(r"vault:v([1-9][0-9]{0,9}):[A-Za-z0-9+/]+={0,2}")
-_HEALTH_UID = "kleidi-health-check"
 
 
 def _final(reply: Reply) -> bool:
@@ -42,21 +41,15 @@ def _final(reply: Reply) -> bool:
     return reply.status in (400, 404)
 
 
-def _no_annotations(annotations: Mapping[str, bytes]) -> None:
-    if annotations:
-        names = ", ".join(sorted(annotations))[:200]
-        raise InvalidInput(f"unexpected annotations ({names}): kleidi's vault provider writes none")
-
-
 class VaultProvider:
     """KEKs are the versions of one transit key; the ciphertext is transit's own ``vault:vN:...`` string.
 
-    key_id is ``vault:<hash of address, namespace, mount and key name>:v<latest version>:<hash of that version's
+    key_id is ``vault:<hash of address, namespace, mount and key name>:v<version>:<hash of that version's
     creation time>``; the last part keeps a key deleted and re-created under the same name from reusing an old
-    key_id. ``check`` reads the
-    key's latest version, so a rotation in Vault shows in Status within one health interval; Encrypt asks transit
-    for exactly that version, so its key_id always agrees with Status. Decrypt takes the version from the
-    ciphertext, so data written under any version Vault still allows decrypts."""
+    key_id. ``check`` reads the key's latest version, proves it and publishes it, so a rotation in Vault shows in
+    Status within one health interval; Encrypt asks transit for exactly the published version, so its key_id
+    always agrees with Status. Decrypt takes the version from the ciphertext, so data written under any version
+    Vault still allows decrypts."""
 
     name = "vault"
     inline_safe = False  # every call is an HTTP round trip that can wait out its timeout
@@ -113,7 +106,7 @@ class VaultProvider:
         uid: str,
         deadline: float | None = None,
     ) -> bytes:
-        _no_annotations(annotations)
+        reject_annotations(annotations, self.name)
         started = time.perf_counter()
         try:
             return self._decrypt(ciphertext, self._deadline(deadline))
@@ -148,7 +141,7 @@ class VaultProvider:
         self, ciphertext: bytes, key_id: str, annotations: Mapping[str, bytes], deadline: float | None = None
     ) -> bytes | None:
         """One attempt on the event loop; None sends the caller to ``decrypt`` (see vault_fast)."""
-        _no_annotations(annotations)
+        reject_annotations(annotations, self.name)
         payload = self._decrypt_payload(ciphertext)
         token = self._auth.peek()
         if token is None:

@@ -31,7 +31,7 @@ class _Connection:
         self.writer = writer
 
     def usable(self) -> bool:
-        # An idle keep-alive connection the server has closed shows EOF (or buffered junk): not reusable.
+        # An idle keep-alive connection the server has closed shows EOF: not reusable.
         return not self.writer.is_closing() and not self.reader.at_eof()
 
     def close(self) -> None:
@@ -50,13 +50,13 @@ class FastTransit:
     async def post(
         self, path: str, operation: str, token: str, payload: dict[str, Any], timeout: float
     ) -> Reply | None:
+        if self._busy >= _POOL_SIZE:
+            return None  # a burst beyond the pool: the worker path (bounded by ``workers``) takes the rest
         http = self._http
         body = json.dumps(payload).encode()
         head = [f"POST {http.target(path)} HTTP/1.1", f"Host: {http.host}:{http.port}", f"Content-Length: {len(body)}"]
         head += [f"{name}: {value}" for name, value in http.headers(token).items()]
         request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
-        if self._busy >= _POOL_SIZE:
-            return None  # a burst beyond the pool: the worker path (bounded by ``workers``) takes the rest
         self._busy += 1
         started = time.perf_counter()
         status = "error"
