@@ -116,6 +116,11 @@ class Pkcs11Config(_Section):
     def pin(self) -> str:
         return read_secret(self.pin_file, self.pin_env, "pkcs11 pin")
 
+    @property
+    def check_timeout(self) -> float:
+        """How long one health round trip may take: a session wait, with a floor for slow tokens."""
+        return max(self.session_timeout, 1.0)
+
 
 class VaultAuthConfig(_Section):
     """How kleidi logs in to Vault/OpenBao. Credentials come from files or env, re-read at each login."""
@@ -199,7 +204,7 @@ class Config(_Section):
             longest, name = self.vault.timeout, "vault.timeout"
         else:
             assert self.pkcs11 is not None
-            longest, name = max(self.pkcs11.session_timeout, 1.0), "pkcs11.session_timeout"
+            longest, name = self.pkcs11.check_timeout, "pkcs11.session_timeout"
         if self.health_timeout <= longest:
             raise ValueError(f"health_timeout must be longer than {name} ({longest:g}s), or healthy checks look hung")
         return self

@@ -192,7 +192,7 @@ class Pkcs11Provider:
     def check(self) -> None:
         """Find the KEK that the labels name now (it may have been replaced), do a real round trip with it,
         and only then make it current: Status (published right after) and Encrypt switch together."""
-        deadline = time.monotonic() + max(self._cfg.session_timeout, 1.0)
+        deadline = time.monotonic() + self._cfg.check_timeout
         probe = os.urandom(32)
 
         def round_trip(sess: Session) -> _Kek:
