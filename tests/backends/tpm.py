@@ -33,6 +33,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
+from tests.backends.process import die_with_parent, stop_process
+
 MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so"
 TCTI = "tabrmd:bus_type=session"
 START_TIMEOUT = 20.0
@@ -61,28 +63,6 @@ def _free_port_pair() -> int:
                     continue
                 return int(port)
     raise TPMFixtureError("no pair of consecutive free ports on 127.0.0.1")
-
-
-def _with_parent(argv: list[str]) -> list[str]:
-    """Run argv so that it gets SIGTERM if the process that started it dies, even by SIGKILL (a killed test
-    run leaves no daemons behind). setpriv sets the parent-death signal and execs argv (same pid).
-
-    Linux ties that signal to the *thread* that forked: start the fixture from a thread that outlives it."""
-    return ["setpriv", "--pdeathsig", "TERM", "--", *argv] if shutil.which("setpriv") else argv
-
-
-def _stop_process(proc: subprocess.Popen[bytes] | None) -> None:
-    """terminate, wait, kill, wait: never leaves a process behind."""
-    if proc is None or proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        proc.terminate()
-    try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(STOP_TIMEOUT)
 
 
 class SoftwareTPM:
@@ -150,7 +130,7 @@ class SoftwareTPM:
         try:
             self.stop_tpm()
         finally:
-            _stop_process(self._dbus)
+            stop_process(self._dbus, STOP_TIMEOUT)
             self._dbus = None
             for handle in self._logs:
                 handle.close()
@@ -164,10 +144,10 @@ class SoftwareTPM:
     def stop_tpm(self) -> None:
         """Take the TPM away: stop tpm2-abrmd and swtpm. State, store and dbus stay."""
         try:
-            _stop_process(self._abrmd)
+            stop_process(self._abrmd, STOP_TIMEOUT)
         finally:
             self._abrmd = None
-            _stop_process(self._swtpm)
+            stop_process(self._swtpm, STOP_TIMEOUT)
             self._swtpm = None
 
     def start_tpm(self) -> None:
@@ -316,16 +296,15 @@ class SoftwareTPM:
             self._bus_dir = Path(tempfile.mkdtemp(prefix="kleidi-bus-"))
         bus_dir = self._bus_dir or self.dir
         self._dbus = subprocess.Popen(
-            _with_parent(
-                [
-                    "dbus-daemon",
-                    "--session",
-                    "--nofork",
-                    "--nopidfile",
-                    "--print-address=1",
-                    f"--address=unix:dir={bus_dir}",
-                ]
-            ),
+            [
+                "dbus-daemon",
+                "--session",
+                "--nofork",
+                "--nopidfile",
+                "--print-address=1",
+                f"--address=unix:dir={bus_dir}",
+            ],
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=self._log("dbus.log"),
@@ -342,21 +321,20 @@ class SoftwareTPM:
             # A restart tries the old ports first (abrmd is restarted too, so new ones are fine after that).
             port = self.port if self.port and attempt < 3 else _free_port_pair()
             proc = subprocess.Popen(
-                _with_parent(
-                    [
-                        "swtpm",
-                        "socket",
-                        "--tpm2",
-                        "--tpmstate",
-                        f"dir={self.state_dir}",
-                        "--server",
-                        f"type=tcp,port={port},bindaddr=127.0.0.1",
-                        "--ctrl",
-                        f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
-                        "--flags",
-                        "not-need-init,startup-clear",
-                    ]
-                ),
+                [
+                    "swtpm",
+                    "socket",
+                    "--tpm2",
+                    "--tpmstate",
+                    f"dir={self.state_dir}",
+                    "--server",
+                    f"type=tcp,port={port},bindaddr=127.0.0.1",
+                    "--ctrl",
+                    f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+                    "--flags",
+                    "not-need-init,startup-clear",
+                ],
+                preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=self._log("swtpm.log"),
@@ -376,7 +354,7 @@ class SoftwareTPM:
                 self._swtpm = proc
                 self.port = port
                 return
-            _stop_process(proc)
+            stop_process(proc, STOP_TIMEOUT)
             last_error = f"swtpm did not listen on {port}/{port + 1} (exit {proc.returncode})"
             if port == self.port:
                 # The old listening socket may linger briefly after a stop: wait, then retry.
@@ -385,15 +363,14 @@ class SoftwareTPM:
 
     def _start_abrmd(self) -> None:
         self._abrmd = subprocess.Popen(
-            _with_parent(
-                [
-                    "tpm2-abrmd",
-                    "--session",
-                    "--allow-root",
-                    "--flush-all",
-                    f"--tcti=swtpm:host=127.0.0.1,port={self.port}",
-                ]
-            ),
+            [
+                "tpm2-abrmd",
+                "--session",
+                "--allow-root",
+                "--flush-all",
+                f"--tcti=swtpm:host=127.0.0.1,port={self.port}",
+            ],
+            preexec_fn=die_with_parent,  # noqa: PLW1509 - only calls prctl
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=self._log("abrmd.log"),
