@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 
 from kleidi.config import Pkcs11Config
-from kleidi.errors import BackendUnavailable, IntegrityError, InvalidInput, KeyNotFound
+from kleidi.errors import BackendUnavailable, ConfigError, IntegrityError, InvalidInput, KeyNotFound
 from kleidi.observability import Metrics
 from kleidi.providers.pkcs11 import Pkcs11Provider
 from kleidi.providers.pkcs11_blob import parse
+from kleidi.providers.pkcs11_direct import Direct
 from tests.backends.softhsm import SoftHsm
 
 
@@ -242,3 +243,27 @@ def test_a_closed_provider_never_reconnects(hsm: SoftHsm) -> None:
     provider.close()
     with pytest.raises(BackendUnavailable, match="shutting down"):
         provider.encrypt(os.urandom(32), "u")
+
+
+def test_direct_calls_bind_only_the_module_pkcs11_loaded(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is not loaded"):
+        Direct(str(tmp_path / "libnot-loaded.so"))
+
+
+def test_gcm_blobs_from_the_direct_path_open_with_pykcs11(gcm: Pkcs11Provider, hsm: SoftHsm) -> None:
+    """The ctypes GCM call and PyKCS11's own AES_GCM_Mechanism produce and accept the same bytes."""
+    import PyKCS11
+
+    seed = os.urandom(32)
+    blob = parse(gcm.encrypt(seed, "u").ciphertext)
+    lib = PyKCS11.PyKCS11Lib().load(hsm.module)
+    slot = next(s for s in lib.getSlotList(tokenPresent=True) if lib.getTokenInfo(s).label.strip() == hsm.label)
+    session = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION)  # the provider's module: logged in already
+    key = session.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_LABEL, "kek-1")])[0]
+    mechanism = PyKCS11.AES_GCM_Mechanism(blob.iv, blob.ref.header(), 128)
+    assert bytes(session.decrypt(key, blob.ciphertext, mechanism)) == seed
+    iv = os.urandom(12)
+    theirs = bytes(session.encrypt(key, seed, PyKCS11.AES_GCM_Mechanism(iv, blob.ref.header(), 128)))
+    mine = blob.ref.header() + iv + theirs
+    assert gcm.decrypt(mine, blob.ref.key_id, {}, "u") == seed
+    session.closeSession()

@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import PyKCS11
-import PyKCS11.LowLevel as _LowLevel
 
 from kleidi.config import Pkcs11Config
 from kleidi.errors import (
@@ -65,45 +64,28 @@ _KCV_MESSAGE = b"kleidi key check value"
 class _Kek:
     """Object handles of one KEK on the current connection, with its reference and prebuilt header."""
 
-    __slots__ = ("aad", "aes", "conn", "header", "key_id", "mac", "ref")
+    __slots__ = ("aes", "aes_handle", "conn", "header", "key_id", "mac", "ref")
 
     def __init__(self, ref: KeyRef, conn: object, aes: Any, mac: Any) -> None:
         self.ref = ref
         self.conn = conn
         self.aes = aes
+        self.aes_handle: int = aes.value()  # for the direct GCM calls
         self.mac = mac
-        self.header = ref.header()
-        self.aad = PyKCS11.ckbytelist(self.header)  # the GCM associated data, converted once per KEK
+        self.header = ref.header()  # also the GCM associated data
         self.key_id = ref.key_id
 
 
-class _Gcm:
-    """CKM_AES_GCM parameters built straight from PyKCS11's low-level types, reusing the KEK's converted
-    header: AES_GCM_Mechanism converts both IV and AAD on every call, a measurable share of a SoftHSM call."""
-
-    __slots__ = ("_iv", "_mech", "_params")
-
-    def __init__(self, iv: bytes, aad: Any) -> None:
-        self._iv = PyKCS11.ckbytelist(iv)
-        params = self._params = _LowLevel.CK_GCM_PARAMS()
-        params.pIv, params.ulIvLen = self._iv, len(iv)
-        params.pAAD, params.ulAADLen = aad, len(aad)
-        params.ulTagBits = GCM_TAG_BYTES * 8
-        mech = self._mech = _LowLevel.CK_MECHANISM()
-        mech.mechanism = PyKCS11.CKM_AES_GCM
-        mech.pParameter = params
-        mech.ulParameterLen = _LowLevel.CK_GCM_PARAMS_LENGTH
-
-    def to_native(self) -> Any:
-        return self._mech
+_TAG_BITS = GCM_TAG_BYTES * 8
 
 
-def _kcv(raw: Any, mechanism: Mechanism, aes: Any, mac: Any) -> bytes:
+def _kcv(sess: Session, mechanism: Mechanism, aes: Any, mac: Any) -> bytes:
     """A fingerprint computed by the key itself on the token (like a classic key check value), so it is
     the same on every restart and every copy of the key, and different for different key material."""
     if mechanism == "aes-gcm":
-        check = bytes(raw.encrypt(aes, _ZERO_BLOCK, PyKCS11.AES_GCM_Mechanism(bytes(GCM_IV_BYTES), b"", 128)))
+        check = sess.direct.gcm_encrypt(sess.handle, aes.value(), bytes(GCM_IV_BYTES), b"", _TAG_BITS, _ZERO_BLOCK)
     else:
+        raw = sess.raw
         check = bytes(raw.encrypt(aes, _ZERO_BLOCK, PyKCS11.Mechanism(PyKCS11.CKM_AES_CBC, bytes(CBC_IV_BYTES))))
         check += bytes(raw.sign(mac, _KCV_MESSAGE, _HMAC))
     return hashlib.sha256(b"kleidi-kcv-v1" + check).digest()[:FINGERPRINT_BYTES]
@@ -291,7 +273,7 @@ class Pkcs11Provider:
     def _wrap(self, sess: Session, kek: _Kek, plaintext: bytes) -> Wrapped:
         if kek.ref.mechanism == "aes-gcm":
             iv = os.urandom(GCM_IV_BYTES)
-            body = bytes(sess.raw.encrypt(kek.aes, plaintext, _Gcm(iv, kek.aad)))
+            body = sess.direct.gcm_encrypt(sess.handle, kek.aes_handle, iv, kek.header, _TAG_BITS, plaintext)
             return Wrapped(kek.header + iv + body, kek.key_id)
         iv = os.urandom(CBC_IV_BYTES)
         body = _cbc(sess, kek.aes, _pad(plaintext), iv, encrypt=True)
@@ -309,7 +291,7 @@ class Pkcs11Provider:
 
     def _fingerprint(self, sess: Session, aes: Any, mac: Any) -> bytes:
         try:
-            return _kcv(sess.raw, self._mechanism, aes, mac)
+            return _kcv(sess, self._mechanism, aes, mac)
         except PyKCS11.PyKCS11Error as exc:
             if exc.value in LOST:
                 raise
@@ -327,7 +309,7 @@ class Pkcs11Provider:
         for aes in candidates[0]:
             for mac in macs:
                 try:
-                    fingerprint = _kcv(sess.raw, ref.mechanism, aes, mac)
+                    fingerprint = _kcv(sess, ref.mechanism, aes, mac)
                 except PyKCS11.PyKCS11Error as exc:
                     if exc.value in LOST:
                         raise
@@ -341,7 +323,9 @@ class Pkcs11Provider:
     def _unwrap(self, sess: Session, kek: _Kek, blob: Blob) -> bytes:
         if blob.ref.mechanism == "aes-gcm":
             try:
-                return bytes(sess.raw.decrypt(kek.aes, blob.ciphertext, _Gcm(blob.iv, kek.aad)))
+                return sess.direct.gcm_decrypt(
+                    sess.handle, kek.aes_handle, blob.iv, kek.header, _TAG_BITS, blob.ciphertext
+                )
             except PyKCS11.PyKCS11Error as exc:
                 # A failed tag check: SoftHSM says CKR_GENERAL_ERROR, the standard says ENCRYPTED_DATA_INVALID.
                 # If the device itself failed instead, replacing the session (it saw an error) finds out.

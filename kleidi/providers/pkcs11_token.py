@@ -19,6 +19,7 @@ import PyKCS11
 
 from kleidi.config import Pkcs11Config
 from kleidi.errors import AuthFailed, BackendUnavailable, ConfigError, KleidiError, WouldBlock
+from kleidi.providers.pkcs11_direct import Direct
 
 log = logging.getLogger("kleidi.pkcs11")
 
@@ -63,18 +64,22 @@ class _Connection:
     lib: Any
     slot: int
     idle: list[Any]
+    direct: Direct
     borrowed: int = 0
     dead: bool = False
 
 
 class Session:
-    """A logged-in session checked out of the pool; ``raw`` is the PyKCS11 session."""
+    """A logged-in session checked out of the pool: ``raw`` is the PyKCS11 session, ``handle`` its number for
+    the connection's ``direct`` calls."""
 
-    __slots__ = ("conn", "raw")
+    __slots__ = ("conn", "direct", "handle", "raw")
 
     def __init__(self, raw: Any, conn: _Connection) -> None:
         self.raw = raw
         self.conn = conn
+        self.direct = conn.direct
+        self.handle: int = raw.session.value()
 
 
 class _Lease:
@@ -263,6 +268,7 @@ class Token:
             self._rejected_pin = None
             # A login is per application, not per session: the other sessions are logged in already.
             sessions.extend(lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION) for _ in range(cfg.pool_size - 1))
+            direct = Direct(cfg.module)
         except PyKCS11.PyKCS11Error as exc:
             _unload(lib)
             raise BackendUnavailable(f"token {cfg.token_label!r}: {ckr_name(exc)}") from None
@@ -270,7 +276,7 @@ class Token:
             _unload(lib)
             raise
         log.info("token connected", extra={"token": cfg.token_label, "serial": serial, "sessions": len(sessions)})
-        return _Connection(lib, slot, sessions)
+        return _Connection(lib, slot, sessions, direct)
 
     def _find_slot(self, lib: Any) -> tuple[int, str]:
         label = self._cfg.token_label
