@@ -6,8 +6,7 @@ import argparse
 import logging
 import sys
 
-from kleidi import __version__
-from kleidi.errors import KleidiError
+from kleidi import __version__, tuning
 
 log = logging.getLogger("kleidi")
 
@@ -45,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    tuning.grpc_environment()  # before anything imports grpc
     from kleidi import config as config_module
+    from kleidi.errors import KleidiError
     from kleidi.observability import setup_logging
 
     try:

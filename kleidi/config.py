@@ -185,6 +185,9 @@ class Config(_Section):
     workers: int = Field(default=8, ge=1, le=256)
     # How long SIGTERM waits for in-flight calls before closing.
     shutdown_grace: Duration = 5.0
+    # One CPU for all of kleidi's threads (see kleidi/tuning.py): auto (the highest-numbered allowed CPU),
+    # none, or a CPU number.
+    cpu_affinity: Literal["auto", "none"] | Annotated[int, Field(ge=0)] = "auto"
     pkcs11: Pkcs11Config | None = None
     vault: VaultConfig | None = None
 

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from kleidi import __version__, contract, unixsocket
+from kleidi import __version__, contract, tuning, unixsocket
 from kleidi.api import v1beta1_pb2, v1beta1_pb2_grpc, v2_pb2, v2_pb2_grpc
 from kleidi.config import Config
 from kleidi.errors import ConfigError, DeadlinePassed, InvalidInput, KleidiError, WouldBlock
@@ -390,6 +390,7 @@ class KleidiServer:
 
 def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT."""
+    tuning.pin_cpu(config.cpu_affinity)
     server = KleidiServer(config)
     done = threading.Event()
 

@@ -1,0 +1,79 @@
+"""Process tuning of `kleidi serve`: one CPU for all its threads, gRPC's I/O on the poller thread."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from kleidi import tuning
+from tests.backends.softhsm import SoftHsm
+from tests.conftest import pkcs11_config
+from tests.plugin import KleidiProcess, wait_for
+
+
+def _thread_cpus(pid: int) -> list[set[int]]:
+    """The CPUs each thread of ``pid`` may run on."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found.append(os.sched_getaffinity(int(task)))
+        except ProcessLookupError:
+            continue
+    return found
+
+
+def test_auto_keeps_every_thread_on_the_highest_allowed_cpu(plugin: KleidiProcess) -> None:
+    allowed = os.sched_getaffinity(0)
+    plugin.start()
+    plugin.wait_healthy()
+    assert plugin.proc is not None
+    cpus = _thread_cpus(plugin.proc.pid)
+    assert len(cpus) > 3  # gRPC's poller, the event loop, health and probe threads, not only the main one
+    expected = {max(allowed)} if len(allowed) > 1 else allowed
+    assert all(c == expected for c in cpus), cpus
+    if len(allowed) > 1:
+        assert any(r.get("msg") == "pinned to one CPU" and r["cpu"] == max(allowed) for r in plugin.log_records())
+
+
+def test_none_leaves_scheduling_alone(plugin: KleidiProcess) -> None:
+    plugin.config["cpu_affinity"] = "none"
+    plugin.start()
+    plugin.wait_healthy()
+    assert plugin.proc is not None
+    assert all(c == os.sched_getaffinity(0) for c in _thread_cpus(plugin.proc.pid))
+
+
+def test_a_cpu_outside_the_allowed_set_stops_startup(plugin: KleidiProcess) -> None:
+    plugin.config["cpu_affinity"] = max(os.sched_getaffinity(0)) + 1
+    plugin.start(wait=False)
+    assert plugin.wait_exit() != 0
+    assert "cpu_affinity: CPU" in plugin.log() and "not available to this process" in plugin.log()
+
+
+def test_a_numbered_cpu_is_used(plugin: KleidiProcess) -> None:
+    cpu = min(os.sched_getaffinity(0))
+    plugin.config["cpu_affinity"] = cpu
+    plugin.start()
+    assert plugin.proc is not None
+    pid = plugin.proc.pid
+    wait_for(lambda: all(c == {cpu} for c in _thread_cpus(pid)), 5, f"every thread on CPU {cpu}")
+
+
+def test_grpc_experiments_default_and_operator_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
+    tuning.grpc_environment()
+    assert os.environ["GRPC_EXPERIMENTS"] == "-event_engine_listener,-event_engine_for_all_other_endpoints"
+    monkeypatch.setenv("GRPC_EXPERIMENTS", "event_engine_listener")
+    tuning.grpc_environment()
+    assert os.environ["GRPC_EXPERIMENTS"] == "event_engine_listener"
+
+
+def test_serve_works_with_the_operators_own_grpc_experiments(tmp_path: Path, softhsm: SoftHsm) -> None:
+    env = {**softhsm.env, "GRPC_EXPERIMENTS": "event_engine_listener"}
+    with KleidiProcess(tmp_path / "own", pkcs11_config(softhsm), env=env) as proc:
+        proc.start()
+        with proc.client() as kms:
+            wrapped = kms.encrypt(b"k" * 32)
+            assert kms.decrypt(wrapped.ciphertext, wrapped.key_id) == b"k" * 32
