@@ -39,10 +39,6 @@ class _GcmParams(ctypes.Structure):
     )
 
 
-class _Attribute(ctypes.Structure):
-    _fields_ = (("type", _ULONG), ("pValue", ctypes.c_void_p), ("ulValueLen", _ULONG))
-
-
 # CK_FUNCTION_LIST up to the last entry used here; the order is fixed by the standard (2.x and 3.0).
 _FUNCTIONS = [
     "C_Initialize",
@@ -89,11 +85,6 @@ class _FunctionList(ctypes.Structure):
 
 _CRYPT_INIT = ctypes.CFUNCTYPE(_ULONG, _ULONG, ctypes.POINTER(_Mechanism), _ULONG)
 _CRYPT = ctypes.CFUNCTYPE(_ULONG, _ULONG, ctypes.c_char_p, _ULONG, ctypes.c_char_p, ctypes.POINTER(_ULONG))
-_COPY = ctypes.CFUNCTYPE(_ULONG, _ULONG, _ULONG, ctypes.POINTER(_Attribute), _ULONG, ctypes.POINTER(_ULONG))
-_DESTROY = ctypes.CFUNCTYPE(_ULONG, _ULONG, _ULONG)
-
-_FALSE = ctypes.c_ubyte(0)
-_SESSION_OBJECT = (_Attribute * 1)(_Attribute(PyKCS11.CKA_TOKEN, ctypes.cast(ctypes.byref(_FALSE), ctypes.c_void_p), 1))
 
 
 def _check(rv: int) -> None:
@@ -102,9 +93,9 @@ def _check(rv: int) -> None:
 
 
 class Direct:
-    """GCM encrypt/decrypt and session copies of keys, on the module PyKCS11 has loaded for a connection."""
+    """GCM encrypt/decrypt on the module PyKCS11 has loaded for a connection."""
 
-    __slots__ = ("_copy", "_decrypt", "_decrypt_init", "_destroy", "_encrypt", "_encrypt_init")
+    __slots__ = ("_decrypt", "_decrypt_init", "_encrypt", "_encrypt_init")
 
     def __init__(self, module: str) -> None:
         # RTLD_NOLOAD: the module PyKCS11 loaded, never a second copy; the reference taken here is dropped
@@ -126,8 +117,6 @@ class Direct:
         self._encrypt = _CRYPT(table.C_Encrypt)
         self._decrypt_init = _CRYPT_INIT(table.C_DecryptInit)
         self._decrypt = _CRYPT(table.C_Decrypt)
-        self._copy = _COPY(table.C_CopyObject)
-        self._destroy = _DESTROY(table.C_DestroyObject)
 
     def gcm_encrypt(self, session: int, key: int, iv: bytes, aad: bytes, tag_bits: int, data: bytes) -> bytes:
         gcm = _gcm(iv, aad, tag_bits)
@@ -144,16 +133,6 @@ class Direct:
         size = _ULONG(len(out))
         _check(self._decrypt(session, data, len(data), out, ctypes.byref(size)))
         return out.raw[: size.value]
-
-    def session_copy(self, session: int, key: int) -> int:
-        """C_CopyObject into a session object: same key, same attributes, but held in memory for the life of
-        ``session``, so SoftHSM stops re-reading the key's file on every use."""
-        copy = _ULONG()
-        _check(self._copy(session, key, _SESSION_OBJECT, 1, ctypes.byref(copy)))
-        return copy.value
-
-    def destroy(self, session: int, key: int) -> None:
-        _check(self._destroy(session, key))
 
 
 class _Gcm(ctypes.Structure):
