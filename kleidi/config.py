@@ -101,6 +101,19 @@ class Pkcs11Config(_Section):
     # 0.2 ms), but a call that blocks stalls every RPC, Status included, so only for tokens that answer in
     # microseconds and cannot hang: "auto" means SoftHSM2 only; hardware HSMs and TPMs use the pool.
     inline_calls: Literal["auto", "always", "never"] = "auto"
+    # Encrypt and decrypt (AES-GCM) with a session copy of each KEK (C_CopyObject, CKA_TOKEN false) rather than
+    # the token object: SoftHSM2 re-reads a token object's file on every use. A key deleted from the token
+    # then stops working at the next health check instead of at once. "auto" means SoftHSM2 only.
+    session_keys: Literal["auto", "always", "never"] = "auto"
+
+    @property
+    def software_token(self) -> bool:
+        """SoftHSM2: a token in kleidi's own process, answering in microseconds, never hanging."""
+        return os.path.basename(self.module).startswith("libsofthsm2")
+
+    def tuned(self, setting: str) -> bool:
+        """Whether an auto|always|never SoftHSM2 tuning setting is on for this module."""
+        return setting == "always" or (setting == "auto" and self.software_token)
 
     @model_validator(mode="after")
     def _check(self) -> Pkcs11Config:
@@ -185,8 +198,8 @@ class Config(_Section):
     workers: int = Field(default=8, ge=1, le=256)
     # How long SIGTERM waits for in-flight calls before closing.
     shutdown_grace: Duration = 5.0
-    # One CPU for all of kleidi's threads (see kleidi/tuning.py): auto (the highest-numbered allowed CPU),
-    # none, or a CPU number.
+    # Where kleidi's threads run (kleidi/tuning.py): auto (one CPU while calls come one at a time, every
+    # allowed CPU while they overlap), none, or a CPU number (always that one).
     cpu_affinity: Literal["auto", "none"] | Annotated[int, Field(ge=0)] = "auto"
     pkcs11: Pkcs11Config | None = None
     vault: VaultConfig | None = None

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import PyKCS11
 import pytest
 
 from kleidi.config import Pkcs11Config
@@ -166,7 +167,7 @@ def test_the_current_kek_must_be_aes_256(hsm: SoftHsm) -> None:
 def test_parallel_calls_after_a_token_loss_reconnect_once(hsm: SoftHsm, caplog: pytest.LogCaptureFixture) -> None:
     import PyKCS11
 
-    provider = _provider(hsm, pool_size=4)
+    provider = _provider(hsm, pool_size=4, session_keys="never")  # with copies, calls do not notice the loss
     provider.check()
     aside = hsm.take_away()
 
@@ -252,8 +253,6 @@ def test_direct_calls_bind_only_the_module_pkcs11_loaded(tmp_path: Path) -> None
 
 def test_gcm_blobs_from_the_direct_path_open_with_pykcs11(gcm: Pkcs11Provider, hsm: SoftHsm) -> None:
     """The ctypes GCM call and PyKCS11's own AES_GCM_Mechanism produce and accept the same bytes."""
-    import PyKCS11
-
     seed = os.urandom(32)
     blob = parse(gcm.encrypt(seed, "u").ciphertext)
     lib = PyKCS11.PyKCS11Lib().load(hsm.module)
@@ -267,3 +266,48 @@ def test_gcm_blobs_from_the_direct_path_open_with_pykcs11(gcm: Pkcs11Provider, h
     mine = blob.ref.header() + iv + theirs
     assert gcm.decrypt(mine, blob.ref.key_id, {}, "u") == seed
     session.closeSession()
+
+
+def test_session_copy_of_a_deleted_kek_is_dropped_at_the_next_check(hsm: SoftHsm) -> None:
+    """SoftHSM2 (session_keys auto): requests use a session copy of the KEK, so a key deleted from the token
+    keeps working until the next health check, which notices and drops the copy."""
+    provider = _provider(hsm)
+    try:
+        provider.check()
+        seed = os.urandom(32)
+        wrapped = provider.encrypt(seed, "u")
+        hsm.delete_key("kek-1")
+        assert provider.decrypt(wrapped.ciphertext, wrapped.key_id, {}, "u") == seed
+        with pytest.raises(KeyNotFound):
+            provider.check()
+        with pytest.raises(KeyNotFound):
+            provider.decrypt(wrapped.ciphertext, wrapped.key_id, {}, "u")
+        with pytest.raises(KeyNotFound):
+            provider.encrypt(seed, "u")
+    finally:
+        provider.close()
+
+
+def test_without_session_copies_a_deleted_kek_fails_at_once(hsm: SoftHsm) -> None:
+    provider = _provider(hsm, session_keys="never")
+    try:
+        provider.check()
+        seed = os.urandom(32)
+        wrapped = provider.encrypt(seed, "u")
+        hsm.delete_key("kek-1")
+        with pytest.raises((KeyNotFound, BackendUnavailable)):
+            provider.decrypt(wrapped.ciphertext, wrapped.key_id, {}, "u")
+    finally:
+        provider.close()
+
+
+def test_health_checks_reuse_the_session_copy(hsm: SoftHsm, gcm: Pkcs11Provider) -> None:
+    """One copy per KEK and connection, not one per health check."""
+    seed = os.urandom(32)
+    first = gcm.encrypt(seed, "u")
+    for _ in range(5):
+        gcm.check()
+    with gcm._token.session(None) as sess:
+        copies = sess.raw.findObjects([(PyKCS11.CKA_TOKEN, False), (PyKCS11.CKA_LABEL, "kek-1")])
+    assert len(copies) == 1
+    assert gcm.decrypt(first.ciphertext, first.key_id, {}, "u") == seed

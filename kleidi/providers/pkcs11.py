@@ -64,13 +64,14 @@ _KCV_MESSAGE = b"kleidi key check value"
 class _Kek:
     """Object handles of one KEK on the current connection, with its reference and prebuilt header."""
 
-    __slots__ = ("aes", "aes_handle", "conn", "header", "key_id", "mac", "ref")
+    __slots__ = ("aes", "aes_handle", "conn", "copy", "header", "key_id", "mac", "ref")
 
-    def __init__(self, ref: KeyRef, conn: object, aes: Any, mac: Any) -> None:
+    def __init__(self, ref: KeyRef, conn: object, aes: Any, mac: Any, copy: int | None) -> None:
         self.ref = ref
         self.conn = conn
         self.aes = aes
-        self.aes_handle: int = aes.value()  # for the direct GCM calls
+        self.copy = copy  # a session copy of ``aes`` (pkcs11.session_keys), or None
+        self.aes_handle: int = aes.value() if copy is None else copy  # what the direct GCM calls use
         self.mac = mac
         self.header = ref.header()  # also the GCM associated data
         self.key_id = ref.key_id
@@ -116,7 +117,9 @@ def _cbc(sess: Session, key: Any, data: bytes, iv: bytes, *, encrypt: bool) -> b
 
 
 def _find(raw: Any, label: str) -> list[Any]:
-    return list(raw.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_LABEL, label)]))
+    """Secret keys stored on the token with this label (never session objects, such as kleidi's own copies)."""
+    template = [(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_TOKEN, True), (PyKCS11.CKA_LABEL, label)]
+    return list(raw.findObjects(template))
 
 
 class Pkcs11Provider:
@@ -126,9 +129,7 @@ class Pkcs11Provider:
 
     def __init__(self, cfg: Pkcs11Config, metrics: Metrics) -> None:
         self._cfg = cfg
-        self._inline_allowed = cfg.inline_calls == "always" or (
-            cfg.inline_calls == "auto" and os.path.basename(cfg.module).startswith("libsofthsm2")
-        )
+        self._inline_allowed = cfg.tuned(cfg.inline_calls)
         self._token = Token(cfg)
         self._mechanism: Mechanism = cfg.mechanism
         self._labels: tuple[str, ...] = (cfg.key_label,) + ((cfg.hmac_key_label,) if cfg.hmac_key_label else ())
@@ -178,6 +179,7 @@ class Pkcs11Provider:
         probe = os.urandom(32)
 
         def round_trip(sess: Session) -> _Kek:
+            self._verify_copies(sess)
             kek = self._resolve_by_label(sess)
             blob = parse(self._wrap(sess, kek, probe).ciphertext)
             if not hmac.compare_digest(self._unwrap(sess, kek, blob), probe):
@@ -266,9 +268,32 @@ class Pkcs11Provider:
         aes, mac = handles[0], handles[1] if len(handles) > 1 else None
         self._require_aes256(sess, aes)
         ref = KeyRef(self._mechanism, self._labels, self._fingerprint(sess, aes, mac))
-        kek = _Kek(ref, sess.conn, aes, mac)
-        self._keks[ref] = kek
+        return self._kek(sess, ref, aes, mac)
+
+    def _kek(self, sess: Session, ref: KeyRef, aes: Any, mac: Any) -> _Kek:
+        """The entry for a KEK found on the token, with a session copy of its AES key where
+        pkcs11.session_keys asks for one. An entry with a copy is kept (not copied again at every health
+        check); _verify_copies notices when the token object is gone."""
+        known = self._keks.get(ref)
+        if known is not None and known.conn is sess.conn and known.copy is not None:
+            return known
+        copy = None
+        try:
+            copy = sess.conn.session_copy(aes.value())
+        except PyKCS11.PyKCS11Error as exc:
+            if exc.value in LOST:
+                raise
+            log.warning("no session copy of the KEK; using the token object", extra={"ckr": ckr_name(exc)})
+        kek = self._keks[ref] = _Kek(ref, sess.conn, aes, mac, copy)
         return kek
+
+    def _verify_copies(self, sess: Session) -> None:
+        """A session copy works on after its token object is gone (deleted, or the token removed). Touching
+        each original raises CKR_OBJECT_HANDLE_INVALID then, which rebuilds the connection as any lost
+        handle does; the copies die with the old connection and the KEKs are looked up again."""
+        for kek in list(self._keks.values()):
+            if kek.copy is not None and kek.conn is sess.conn:
+                sess.raw.getAttributeValue(kek.aes, [PyKCS11.CKA_CLASS])
 
     def _wrap(self, sess: Session, kek: _Kek, plaintext: bytes) -> Wrapped:
         if kek.ref.mechanism == "aes-gcm":
@@ -315,9 +340,7 @@ class Pkcs11Provider:
                         raise
                     continue  # a key with that label that cannot do this mechanism is not the one
                 if hmac.compare_digest(fingerprint, ref.fingerprint):
-                    kek = _Kek(ref, sess.conn, aes, mac)
-                    self._keks[ref] = kek
-                    return kek
+                    return self._kek(sess, ref, aes, mac)
         raise KeyNotFound(f"the KEK that wrapped this data ({ref.key_id}) is not on token {self._cfg.token_label!r}")
 
     def _unwrap(self, sess: Session, kek: _Kek, blob: Blob) -> bytes:

@@ -83,8 +83,16 @@ class _FunctionList(ctypes.Structure):
     _fields_ = (("version", ctypes.c_ubyte * 2), *((name, ctypes.c_void_p) for name in _FUNCTIONS))
 
 
+class _Attribute(ctypes.Structure):
+    _fields_ = (("type", _ULONG), ("pValue", ctypes.c_void_p), ("ulValueLen", _ULONG))
+
+
+_FALSE = ctypes.c_ubyte(0)
+_SESSION_OBJECT = (_Attribute * 1)(_Attribute(PyKCS11.CKA_TOKEN, ctypes.addressof(_FALSE), 1))
+
 _CRYPT_INIT = ctypes.CFUNCTYPE(_ULONG, _ULONG, ctypes.POINTER(_Mechanism), _ULONG)
 _CRYPT = ctypes.CFUNCTYPE(_ULONG, _ULONG, ctypes.c_char_p, _ULONG, ctypes.c_char_p, ctypes.POINTER(_ULONG))
+_COPY = ctypes.CFUNCTYPE(_ULONG, _ULONG, _ULONG, ctypes.POINTER(_Attribute), _ULONG, ctypes.POINTER(_ULONG))
 
 
 def _check(rv: int) -> None:
@@ -93,9 +101,9 @@ def _check(rv: int) -> None:
 
 
 class Direct:
-    """GCM encrypt/decrypt on the module PyKCS11 has loaded for a connection."""
+    """GCM encrypt/decrypt and session copies of keys, on the module PyKCS11 has loaded for a connection."""
 
-    __slots__ = ("_decrypt", "_decrypt_init", "_encrypt", "_encrypt_init")
+    __slots__ = ("_copy", "_decrypt", "_decrypt_init", "_encrypt", "_encrypt_init")
 
     def __init__(self, module: str) -> None:
         # RTLD_NOLOAD: the module PyKCS11 loaded, never a second copy; the reference taken here is dropped
@@ -117,6 +125,7 @@ class Direct:
         self._encrypt = _CRYPT(table.C_Encrypt)
         self._decrypt_init = _CRYPT_INIT(table.C_DecryptInit)
         self._decrypt = _CRYPT(table.C_Decrypt)
+        self._copy = _COPY(table.C_CopyObject)
 
     def gcm_encrypt(self, session: int, key: int, iv: bytes, aad: bytes, tag_bits: int, data: bytes) -> bytes:
         gcm = _gcm(iv, aad, tag_bits)
@@ -133,6 +142,13 @@ class Direct:
         size = _ULONG(len(out))
         _check(self._decrypt(session, data, len(data), out, ctypes.byref(size)))
         return out.raw[: size.value]
+
+    def session_copy(self, session: int, key: int) -> int:
+        """C_CopyObject into a session object: the same key with the same attributes, kept by the token for
+        as long as ``session`` is open."""
+        copy = _ULONG()
+        _check(self._copy(session, key, _SESSION_OBJECT, 1, ctypes.byref(copy)))
+        return copy.value
 
 
 class _Gcm(ctypes.Structure):

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import PyKCS11
@@ -65,8 +65,19 @@ class _Connection:
     slot: int
     idle: list[Any]
     direct: Direct
+    # Owns the session copies of keys (pkcs11.session_keys): never lent out, never replaced, so the copies
+    # live exactly as long as the connection.
+    keeper: Any = None
     borrowed: int = 0
     dead: bool = False
+    keeper_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def session_copy(self, key: int) -> int | None:
+        """A session copy of token object ``key``, or None when this connection keeps none."""
+        if self.keeper is None:
+            return None
+        with self.keeper_lock:  # one thread at a time per session, as PKCS#11 asks
+            return self.direct.session_copy(self.keeper.session.value(), key)
 
 
 class Session:
@@ -269,6 +280,7 @@ class Token:
             # A login is per application, not per session: the other sessions are logged in already.
             sessions.extend(lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION) for _ in range(cfg.pool_size - 1))
             direct = Direct(cfg.module)
+            keeper = lib.openSession(slot, PyKCS11.CKF_SERIAL_SESSION) if cfg.tuned(cfg.session_keys) else None
         except PyKCS11.PyKCS11Error as exc:
             _unload(lib)
             raise BackendUnavailable(f"token {cfg.token_label!r}: {ckr_name(exc)}") from None
@@ -276,7 +288,7 @@ class Token:
             _unload(lib)
             raise
         log.info("token connected", extra={"token": cfg.token_label, "serial": serial, "sessions": len(sessions)})
-        return _Connection(lib, slot, sessions, direct)
+        return _Connection(lib, slot, sessions, direct, keeper)
 
     def _find_slot(self, lib: Any) -> tuple[int, str]:
         label = self._cfg.token_label
