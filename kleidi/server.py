@@ -41,9 +41,16 @@ class _Call:
     the loop itself, which saves the two thread wake-ups of the hop."""
 
     def __init__(
-        self, metrics: Metrics, health: HealthMonitor, api: str, pool: futures.ThreadPoolExecutor, provider: Provider
+        self,
+        metrics: Metrics,
+        health: HealthMonitor,
+        api: str,
+        pool: futures.ThreadPoolExecutor,
+        provider: Provider,
+        placement: tuning.CpuPlacement | None,
     ) -> None:
         self._provider = provider
+        self._placement = placement
         self._metrics = metrics
         self._health = health
         self._api = api
@@ -62,6 +69,8 @@ class _Call:
         """``body`` does the work on a worker thread (or inline, for an inline-safe provider); ``fast``, when
         given, is tried first on the loop and answers None to fall back to ``body``."""
         started = time.perf_counter()
+        if self._placement is not None:
+            self._placement.call_started(context)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         code = grpc.StatusCode.OK
@@ -189,16 +198,24 @@ class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
     """v2.KeyManagementService: Status from the cached health state; Encrypt/Decrypt through the provider."""
 
     def __init__(
-        self, provider: Provider, health: HealthMonitor, metrics: Metrics, pool: futures.ThreadPoolExecutor
+        self,
+        provider: Provider,
+        health: HealthMonitor,
+        metrics: Metrics,
+        pool: futures.ThreadPoolExecutor,
+        placement: tuning.CpuPlacement | None = None,
     ) -> None:
         self._provider = provider
         self._health = health
-        self._call = _Call(metrics, health, contract.KMS_V2, pool, provider)
+        self._placement = placement
+        self._call = _Call(metrics, health, contract.KMS_V2, pool, provider, placement)
         self._fast = fast_path(provider)
         self._status_for: Any = None
         self._status: v2_pb2.StatusResponse = v2_pb2.StatusResponse()
 
     async def Status(self, request: v2_pb2.StatusRequest, context: grpc.aio.ServicerContext) -> v2_pb2.StatusResponse:
+        if self._placement is not None:
+            self._placement.call_started(context)
         state = self._health.state
         if state is not self._status_for:  # rebuilt only when the health loop publishes a new state
             self._status = v2_pb2.StatusResponse(version=contract.KMS_V2, healthz=state.reason, key_id=state.key_id)
@@ -243,10 +260,15 @@ class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):
     """v1beta1.KeyManagementService, for clusters migrating off KMS v1 plugins."""
 
     def __init__(
-        self, provider: Provider, health: HealthMonitor, metrics: Metrics, pool: futures.ThreadPoolExecutor
+        self,
+        provider: Provider,
+        health: HealthMonitor,
+        metrics: Metrics,
+        pool: futures.ThreadPoolExecutor,
+        placement: tuning.CpuPlacement | None = None,
     ) -> None:
         self._provider = provider
-        self._call = _Call(metrics, health, contract.KMS_V1, pool, provider)
+        self._call = _Call(metrics, health, contract.KMS_V1, pool, provider, placement)
         self._fast = fast_path(provider)
         self._version = v1beta1_pb2.VersionResponse(
             version=contract.KMS_V1, runtime_name="kleidi", runtime_version=__version__
@@ -285,8 +307,11 @@ class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):
 class KleidiServer:
     """The plugin process: provider, health loop, probes and the gRPC server on the unix socket."""
 
-    def __init__(self, config: Config, provider: Provider | None = None) -> None:
+    def __init__(
+        self, config: Config, provider: Provider | None = None, placement: tuning.CpuPlacement | None = None
+    ) -> None:
         self.config = config
+        self.placement = placement
         self.metrics = Metrics()
         self.provider = provider if provider is not None else build(config, self.metrics)
         self.health = HealthMonitor(self.provider, config.health_interval, self.metrics, config.health_timeout)
@@ -344,10 +369,10 @@ class KleidiServer:
             ],
         )
         v2_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            KmsV2Servicer(self.provider, self.health, self.metrics, pool), server
+            KmsV2Servicer(self.provider, self.health, self.metrics, pool, self.placement), server
         )
         v1beta1_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            KmsV1Servicer(self.provider, self.health, self.metrics, pool), server
+            KmsV1Servicer(self.provider, self.health, self.metrics, pool, self.placement), server
         )
         try:
             server.add_insecure_port(f"unix:{path}")
@@ -390,8 +415,7 @@ class KleidiServer:
 
 def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT."""
-    tuning.pin_cpu(config.cpu_affinity)
-    server = KleidiServer(config)
+    server = KleidiServer(config, placement=tuning.place(config.cpu_affinity))
     done = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

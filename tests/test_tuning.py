@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -24,17 +25,37 @@ def _thread_cpus(pid: int) -> list[set[int]]:
     return found
 
 
-def test_auto_keeps_every_thread_on_the_highest_allowed_cpu(plugin: KleidiProcess) -> None:
+def test_auto_uses_one_cpu_for_sequential_calls_and_all_for_parallel_ones(plugin: KleidiProcess) -> None:
     allowed = os.sched_getaffinity(0)
     plugin.start()
     plugin.wait_healthy()
     assert plugin.proc is not None
-    cpus = _thread_cpus(plugin.proc.pid)
+    pid = plugin.proc.pid
+    cpus = _thread_cpus(pid)
     assert len(cpus) > 3  # gRPC's poller, the event loop, health and probe threads, not only the main one
-    expected = {max(allowed)} if len(allowed) > 1 else allowed
-    assert all(c == expected for c in cpus), cpus
-    if len(allowed) > 1:
-        assert any(r.get("msg") == "pinned to one CPU" and r["cpu"] == max(allowed) for r in plugin.log_records())
+    if len(allowed) < 2:  # nothing to choose from: scheduling is left alone
+        assert all(c == allowed for c in cpus)
+        return
+    one = {max(allowed)}
+    assert all(c == one for c in cpus), cpus
+    stop = threading.Event()
+
+    def caller() -> None:
+        with plugin.client() as kms:
+            while not stop.is_set():
+                kms.encrypt(b"k" * 32)
+
+    callers = [threading.Thread(target=caller) for _ in range(8)]
+    for t in callers:
+        t.start()
+    try:
+        wait_for(lambda: all(c == allowed for c in _thread_cpus(pid)), 20, "threads on every CPU under parallel calls")
+    finally:
+        stop.set()
+        for t in callers:
+            t.join()
+    with plugin.client() as kms:  # one caller again: back to one CPU after the dwell time
+        wait_for(lambda: kms.encrypt(b"k" * 32) and all(c == one for c in _thread_cpus(pid)), 20, "one CPU again")
 
 
 def test_none_leaves_scheduling_alone(plugin: KleidiProcess) -> None:
