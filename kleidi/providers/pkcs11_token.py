@@ -63,7 +63,7 @@ def ckr_name(exc: PyKCS11.PyKCS11Error) -> str:
 class _Connection:
     lib: Any
     slot: int
-    idle: list[Any]
+    idle: list[Session]
     direct: Direct
     # Owns the session copies of keys (pkcs11.session_keys): never lent out, never replaced, so the copies
     # live exactly as long as the connection.
@@ -81,15 +81,18 @@ class _Connection:
 
 
 class Session:
-    """A logged-in session checked out of the pool: ``raw`` is the PyKCS11 session, ``handle`` its number for
-    the connection's ``direct`` calls."""
+    """A logged-in session of the pool: ``raw`` is the PyKCS11 session, ``handle`` its number for the
+    connection's ``direct`` calls (read once: the SWIG call costs more than a token call's bookkeeping)."""
 
     __slots__ = ("conn", "direct", "handle", "raw")
 
     def __init__(self, raw: Any, conn: _Connection) -> None:
-        self.raw = raw
         self.conn = conn
         self.direct = conn.direct
+        self.replace(raw)
+
+    def replace(self, raw: Any) -> None:
+        self.raw = raw
         self.handle: int = raw.session.value()
 
 
@@ -162,7 +165,7 @@ class Token:
                     continue
                 if conn.idle:
                     conn.borrowed += 1
-                    return Session(conn.idle.pop(), conn)
+                    return conn.idle.pop()
                 if nowait:
                     raise WouldBlock("no free session")
                 left = until - time.monotonic()
@@ -186,7 +189,7 @@ class Token:
                 fresh = conn.lib.openSession(conn.slot, PyKCS11.CKF_SERIAL_SESSION)
                 with contextlib.suppress(PyKCS11.PyKCS11Error):
                     sess.raw.closeSession()
-                sess.raw = fresh
+                sess.replace(fresh)
             except PyKCS11.PyKCS11Error as exc:
                 log.warning("cannot replace a failed session; reconnecting", extra={"ckr": ckr_name(exc)})
                 lost = True
@@ -198,7 +201,7 @@ class Token:
                 if conn.borrowed == 0:
                     self._unload_locked(conn)
             else:
-                conn.idle.append(sess.raw)
+                conn.idle.append(sess)
             self._cond.notify_all()
 
     def _connect_locked(self, until: float) -> None:
@@ -288,7 +291,9 @@ class Token:
             _unload(lib)
             raise
         log.info("token connected", extra={"token": cfg.token_label, "serial": serial, "sessions": len(sessions)})
-        return _Connection(lib, slot, sessions, direct, keeper)
+        conn = _Connection(lib, slot, [], direct, keeper)
+        conn.idle.extend(Session(raw, conn) for raw in sessions)
+        return conn
 
     def _find_slot(self, lib: Any) -> tuple[int, str]:
         label = self._cfg.token_label
