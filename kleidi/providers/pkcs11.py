@@ -46,7 +46,6 @@ log = logging.getLogger("kleidi.pkcs11")
 
 T = TypeVar("T")
 
-_HMAC = PyKCS11.Mechanism(PyKCS11.CKM_SHA256_HMAC)
 _TAG_MISMATCH = frozenset(
     {
         PyKCS11.CKR_ENCRYPTED_DATA_INVALID,
@@ -64,15 +63,16 @@ _KCV_MESSAGE = b"kleidi key check value"
 class _Kek:
     """Object handles of one KEK on the current connection, with its reference and prebuilt header."""
 
-    __slots__ = ("aes", "aes_handle", "conn", "copy", "header", "key_id", "mac", "ref")
+    __slots__ = ("aes", "aes_handle", "conn", "copy", "header", "key_id", "mac", "mac_handle", "ref")
 
     def __init__(self, ref: KeyRef, conn: object, aes: Any, mac: Any, copy: int | None) -> None:
         self.ref = ref
         self.conn = conn
         self.aes = aes
         self.copy = copy  # a session copy of ``aes`` (pkcs11.session_keys), or None
-        self.aes_handle: int = aes.value() if copy is None else copy  # what the direct GCM calls use
+        self.aes_handle: int = aes.value() if copy is None else copy  # what the direct calls use
         self.mac = mac
+        self.mac_handle: int = mac.value() if mac is not None else 0
         self.header = ref.header()  # also the GCM associated data
         self.key_id = ref.key_id
 
@@ -86,9 +86,8 @@ def _kcv(sess: Session, mechanism: Mechanism, aes: Any, mac: Any) -> bytes:
     if mechanism == "aes-gcm":
         check = sess.direct.gcm_encrypt(sess.handle, aes.value(), bytes(GCM_IV_BYTES), b"", _TAG_BITS, _ZERO_BLOCK)
     else:
-        raw = sess.raw
-        check = bytes(raw.encrypt(aes, _ZERO_BLOCK, PyKCS11.Mechanism(PyKCS11.CKM_AES_CBC, bytes(CBC_IV_BYTES))))
-        check += bytes(raw.sign(mac, _KCV_MESSAGE, _HMAC))
+        check = _cbc(sess, aes.value(), _ZERO_BLOCK, bytes(CBC_IV_BYTES), encrypt=True)
+        check += sess.direct.hmac_sha256(sess.handle, mac.value(), _KCV_MESSAGE)
     return hashlib.sha256(b"kleidi-kcv-v1" + check).digest()[:FINGERPRINT_BYTES]
 
 
@@ -105,12 +104,12 @@ def _unpad(data: bytes) -> bytes:
     return data[:-size]
 
 
-def _cbc(sess: Session, key: Any, data: bytes, iv: bytes, *, encrypt: bool) -> bytes:
+def _cbc(sess: Session, key: int, data: bytes, iv: bytes, *, encrypt: bool) -> bytes:
     """Raw CKM_AES_CBC on whole blocks, padding done here: tpm2-pkcs11's CKM_AES_CBC_PAD returns wrong
     results, and its CKM_AES_CBC answers unaligned input with an empty output and CKR_OK. The bytes
     are the same as CKM_AES_CBC_PAD's."""
-    mech = PyKCS11.Mechanism(PyKCS11.CKM_AES_CBC, iv)
-    out = bytes(sess.raw.encrypt(key, data, mech) if encrypt else sess.raw.decrypt(key, data, mech))
+    direct = sess.direct
+    out = (direct.cbc_encrypt if encrypt else direct.cbc_decrypt)(sess.handle, key, iv, data)
     if len(out) != len(data):
         raise BackendUnavailable(f"token returned {len(out)} bytes for a {len(data)}-byte AES-CBC operation")
     return out
@@ -301,9 +300,9 @@ class Pkcs11Provider:
             body = sess.direct.gcm_encrypt(sess.handle, kek.aes_handle, iv, kek.header, _TAG_BITS, plaintext)
             return Wrapped(kek.header + iv + body, kek.key_id)
         iv = os.urandom(CBC_IV_BYTES)
-        body = _cbc(sess, kek.aes, _pad(plaintext), iv, encrypt=True)
+        body = _cbc(sess, kek.aes_handle, _pad(plaintext), iv, encrypt=True)
         signed = kek.header + iv + body
-        return Wrapped(signed + bytes(sess.raw.sign(kek.mac, signed, _HMAC)), kek.key_id)
+        return Wrapped(signed + sess.direct.hmac_sha256(sess.handle, kek.mac_handle, signed), kek.key_id)
 
     def _require_aes256(self, sess: Session, aes: Any) -> None:
         """New data is wrapped only under AES-256; an older, weaker key may still decrypt what it wrote."""
@@ -357,7 +356,7 @@ class Pkcs11Provider:
                 raise
         # Encrypt-then-MAC: the MAC is checked before the token decrypts anything; token errors here are
         # token failures, not tampering.
-        expected = bytes(sess.raw.sign(kek.mac, blob.header + blob.iv + blob.ciphertext, _HMAC))
+        expected = sess.direct.hmac_sha256(sess.handle, kek.mac_handle, blob.header + blob.iv + blob.ciphertext)
         if not hmac.compare_digest(expected, blob.mac):
             raise IntegrityError("ciphertext failed authentication (MAC mismatch): tampered or corrupted")
-        return _unpad(_cbc(sess, kek.aes, blob.ciphertext, blob.iv, encrypt=False))
+        return _unpad(_cbc(sess, kek.aes_handle, blob.ciphertext, blob.iv, encrypt=False))

@@ -76,6 +76,15 @@ _FUNCTIONS = [
     "C_EncryptFinal",
     "C_DecryptInit",
     "C_Decrypt",
+    "C_DecryptUpdate",
+    "C_DecryptFinal",
+    "C_DigestInit",
+    "C_Digest",
+    "C_DigestUpdate",
+    "C_DigestKey",
+    "C_DigestFinal",
+    "C_SignInit",
+    "C_Sign",
 ]
 
 
@@ -95,15 +104,29 @@ _CRYPT = ctypes.CFUNCTYPE(_ULONG, _ULONG, ctypes.c_char_p, _ULONG, ctypes.c_char
 _COPY = ctypes.CFUNCTYPE(_ULONG, _ULONG, _ULONG, ctypes.POINTER(_Attribute), _ULONG, ctypes.POINTER(_ULONG))
 
 
+_HMAC_SHA256 = _Mechanism(PyKCS11.CKM_SHA256_HMAC, None, 0)
+
+
 def _check(rv: int) -> None:
     if rv:
         raise PyKCS11.PyKCS11Error(rv)
 
 
-class Direct:
-    """GCM encrypt/decrypt and session copies of keys, on the module PyKCS11 has loaded for a connection."""
+def _call(init: Any, run: Any, session: int, mechanism: Any, key: int, data: bytes, size: int) -> bytes:
+    """One single-part operation: Init, then one call into a buffer of ``size`` bytes (no size query).
+    What the mechanism points into belongs to the caller's arguments, alive until this returns."""
+    _check(init(session, ctypes.byref(mechanism), key))
+    out = ctypes.create_string_buffer(max(size, 1))
+    length = _ULONG(len(out))
+    _check(run(session, data, len(data), out, ctypes.byref(length)))
+    return out.raw[: length.value]
 
-    __slots__ = ("_copy", "_decrypt", "_decrypt_init", "_encrypt", "_encrypt_init")
+
+class Direct:
+    """The token calls of a request (AES-GCM, AES-CBC, HMAC-SHA256) and session copies of keys, on the module
+    PyKCS11 has loaded for a connection."""
+
+    __slots__ = ("_copy", "_decrypt", "_decrypt_init", "_encrypt", "_encrypt_init", "_sign", "_sign_init")
 
     def __init__(self, module: str) -> None:
         # RTLD_NOLOAD: the module PyKCS11 loaded, never a second copy; the reference taken here is dropped
@@ -126,22 +149,29 @@ class Direct:
         self._decrypt_init = _CRYPT_INIT(table.C_DecryptInit)
         self._decrypt = _CRYPT(table.C_Decrypt)
         self._copy = _COPY(table.C_CopyObject)
+        self._sign_init = _CRYPT_INIT(table.C_SignInit)
+        self._sign = _CRYPT(table.C_Sign)
 
     def gcm_encrypt(self, session: int, key: int, iv: bytes, aad: bytes, tag_bits: int, data: bytes) -> bytes:
         gcm = _gcm(iv, aad, tag_bits)
-        _check(self._encrypt_init(session, ctypes.byref(gcm.mechanism), key))
-        out = ctypes.create_string_buffer(len(data) + tag_bits // 8)
-        size = _ULONG(len(out))
-        _check(self._encrypt(session, data, len(data), out, ctypes.byref(size)))
-        return out.raw[: size.value]
+        return _call(self._encrypt_init, self._encrypt, session, gcm.mechanism, key, data, len(data) + tag_bits // 8)
 
     def gcm_decrypt(self, session: int, key: int, iv: bytes, aad: bytes, tag_bits: int, data: bytes) -> bytes:
         gcm = _gcm(iv, aad, tag_bits)
-        _check(self._decrypt_init(session, ctypes.byref(gcm.mechanism), key))
-        out = ctypes.create_string_buffer(max(len(data), 1))  # the plaintext is never longer than the input
-        size = _ULONG(len(out))
-        _check(self._decrypt(session, data, len(data), out, ctypes.byref(size)))
-        return out.raw[: size.value]
+        # the plaintext is never longer than the input
+        return _call(self._decrypt_init, self._decrypt, session, gcm.mechanism, key, data, len(data))
+
+    def cbc_encrypt(self, session: int, key: int, iv: bytes, data: bytes) -> bytes:
+        """CKM_AES_CBC on whole blocks: the output is as long as the input."""
+        mechanism = _Mechanism(PyKCS11.CKM_AES_CBC, ctypes.cast(ctypes.c_char_p(iv), ctypes.c_void_p), len(iv))
+        return _call(self._encrypt_init, self._encrypt, session, mechanism, key, data, len(data))
+
+    def cbc_decrypt(self, session: int, key: int, iv: bytes, data: bytes) -> bytes:
+        mechanism = _Mechanism(PyKCS11.CKM_AES_CBC, ctypes.cast(ctypes.c_char_p(iv), ctypes.c_void_p), len(iv))
+        return _call(self._decrypt_init, self._decrypt, session, mechanism, key, data, len(data))
+
+    def hmac_sha256(self, session: int, key: int, data: bytes) -> bytes:
+        return _call(self._sign_init, self._sign, session, _HMAC_SHA256, key, data, 32)
 
     def session_copy(self, session: int, key: int) -> int:
         """C_CopyObject into a session object: the same key with the same attributes, kept by the token for
