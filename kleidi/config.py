@@ -103,7 +103,8 @@ class Pkcs11Config(_Section):
     inline_calls: Literal["auto", "always", "never"] = "auto"
     # Encrypt and decrypt (AES-GCM) with a session copy of each KEK (C_CopyObject, CKA_TOKEN false) rather than
     # the token object: SoftHSM2 re-reads a token object's file on every use. A key deleted from the token
-    # then stops working at the next health check instead of at once. "auto" means SoftHSM2 only.
+    # then stops encrypting within a second and decrypting at the next health check, not at once.
+    # "auto" means SoftHSM2 only.
     session_keys: Literal["auto", "always", "never"] = "auto"
 
     @property

@@ -50,6 +50,7 @@ class CpuPlacement:
         self._overlap = 0.0
         self._in_flight = 0
         self._switched = time.monotonic()
+        self._stopped = False
         _set_affinity({cpu})
 
     def call_started(self, context: Any) -> None:
@@ -58,11 +59,20 @@ class CpuPlacement:
         context.add_done_callback(self._call_done)
         self._overlap += self._WEIGHT * ((self._in_flight > 1) - self._overlap)
         spread = self._overlap > (self._PIN_BELOW if self.spread else self._SPREAD_ABOVE)
-        if spread != self.spread:
+        if spread != self.spread and not self._stopped:
             now = time.monotonic()
             if now - self._switched >= self._DWELL:
-                self._switched, self.spread = now, spread
-                _set_affinity(self._allowed if spread else {self.cpu})
+                self._switched = now
+                try:
+                    _set_affinity(self._allowed if spread else {self.cpu})
+                except OSError as exc:
+                    # The CPUs allowed to the process changed under us (a cpuset update): leave placement
+                    # to the scheduler from now on rather than fail a request.
+                    self._stopped = True
+                    _set_affinity(set(range(os.cpu_count() or 1)), strict=False)  # the kernel keeps the cpuset
+                    log.warning("CPU placement stopped", extra={"reason": exc.strerror})
+                    return
+                self.spread = spread
                 log.debug("CPU placement", extra={"cpus": "all allowed" if spread else self.cpu})
 
     def _call_done(self, context: Any) -> None:
@@ -93,9 +103,12 @@ def place(setting: str | int) -> CpuPlacement | None:
     return None
 
 
-def _set_affinity(cpus: set[int]) -> None:
+def _set_affinity(cpus: set[int], strict: bool = True) -> None:
     for task in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(task), cpus)
         except ProcessLookupError:  # a thread that ended meanwhile
             continue
+        except OSError:
+            if strict:
+                raise

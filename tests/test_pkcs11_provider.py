@@ -311,3 +311,46 @@ def test_health_checks_reuse_the_session_copy(hsm: SoftHsm, gcm: Pkcs11Provider)
         copies = sess.raw.findObjects([(PyKCS11.CKA_TOKEN, False), (PyKCS11.CKA_LABEL, "kek-1")])
     assert len(copies) == 1
     assert gcm.decrypt(first.ciphertext, first.key_id, {}, "u") == seed
+
+
+def test_encrypt_stops_using_a_copy_whose_key_is_gone(hsm: SoftHsm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Encrypt checks the original behind its session copy (at most once a second): new data is not wrapped
+    for long under a key that the token no longer has."""
+    from kleidi.providers import pkcs11
+
+    provider = _provider(hsm)
+    try:
+        provider.check()
+        provider.encrypt(os.urandom(32), "u")
+        hsm.delete_key("kek-1")
+        provider.encrypt(os.urandom(32), "u")  # within the second: the copy still answers
+        monkeypatch.setattr(pkcs11, "_VERIFY_EVERY", 0.0)
+        with pytest.raises(KeyNotFound):
+            provider.encrypt(os.urandom(32), "u")
+    finally:
+        provider.close()
+
+
+def test_direct_call_retries_once_with_the_size_the_token_asks_for() -> None:
+    """A token may answer CKR_BUFFER_TOO_SMALL with the room it wants; the operation is still active then."""
+    import ctypes
+
+    from kleidi.providers.pkcs11_direct import _call
+
+    sizes: list[int] = []
+
+    def init(session: int, mechanism: object, key: int) -> int:
+        return 0
+
+    def run(session: int, data: bytes, size: int, out: ctypes.Array[ctypes.c_char], length: object) -> int:
+        holder = length._obj  # type: ignore[attr-defined]  # ctypes.byref keeps the object it points to
+        sizes.append(len(out))
+        if len(out) < 64:
+            holder.value = 64
+            return PyKCS11.CKR_BUFFER_TOO_SMALL
+        ctypes.memmove(out, data[::-1], len(data))
+        holder.value = len(data)
+        return 0
+
+    assert _call(init, run, 1, ctypes.c_int(0), 2, b"abc", 16) == b"cba"
+    assert sizes == [16, 64]

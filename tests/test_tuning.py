@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 from kleidi import tuning
 from tests.backends.softhsm import SoftHsm
 from tests.conftest import pkcs11_config
-from tests.plugin import KleidiProcess, wait_for
+from tests.plugin import REPO, KleidiProcess, wait_for
 
 
 def _thread_cpus(pid: int) -> list[set[int]]:
@@ -98,3 +100,84 @@ def test_serve_works_with_the_operators_own_grpc_experiments(tmp_path: Path, sof
         with proc.client() as kms:
             wrapped = kms.encrypt(b"k" * 32)
             assert kms.decrypt(wrapped.ciphertext, wrapped.key_id) == b"k" * 32
+
+
+class _Context:
+    """Stands in for grpc.aio's ServicerContext: done callbacks run when the test says the call ended."""
+
+    def __init__(self) -> None:
+        self.callbacks: list[object] = []
+
+    def add_done_callback(self, callback: object) -> None:
+        self.callbacks.append(callback)
+
+
+def test_placement_stops_adapting_instead_of_failing_a_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cpuset changed under kleidi makes sched_setaffinity fail: the call goes on, placement stops."""
+    calls: list[set[int]] = []
+
+    def setaffinity(pid: int, cpus: set[int]) -> None:
+        calls.append(set(cpus))
+        if len(calls) > 1:
+            raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(tuning.os, "sched_setaffinity", setaffinity)
+    monkeypatch.setattr(tuning.os, "listdir", lambda path: ["1"])
+    monkeypatch.setattr(tuning.CpuPlacement, "_DWELL", 0.0)
+    placement = tuning.CpuPlacement(1, {0, 1})
+    contexts = [_Context() for _ in range(200)]
+    for context in contexts:  # calls that overlap: placement wants every CPU, and the kernel refuses
+        placement.call_started(context)
+    assert not placement.spread
+    tries = len(calls)
+    for _ in range(200):
+        placement.call_started(_Context())
+    assert len(calls) == tries  # stopped: no more attempts
+
+
+def test_placement_follows_overlap_with_hysteresis(monkeypatch: pytest.MonkeyPatch) -> None:
+    applied: list[set[int]] = []
+    monkeypatch.setattr(tuning, "_set_affinity", lambda cpus, strict=True: applied.append(set(cpus)))
+    monkeypatch.setattr(tuning.CpuPlacement, "_DWELL", 0.0)
+    placement = tuning.CpuPlacement(3, {0, 1, 2, 3})
+    assert applied == [{3}]
+    one = _Context()
+    for _ in range(100):  # one call at a time: each ends before the next starts
+        placement.call_started(one)
+        one.callbacks.pop()(one)  # type: ignore[operator]
+    assert applied == [{3}] and not placement.spread
+    busy = [_Context() for _ in range(30)]
+    for context in busy:  # thirty calls in flight together
+        placement.call_started(context)
+    assert placement.spread and applied[-1] == {0, 1, 2, 3}
+    for context in busy:
+        context.callbacks.pop()(context)  # type: ignore[operator]
+    for _ in range(300):
+        placement.call_started(one)
+        one.callbacks.pop()(one)  # type: ignore[operator]
+    assert not placement.spread and applied[-1] == {3}
+
+
+def test_the_grpc_experiments_exist_in_the_installed_grpcio() -> None:
+    """gRPC ignores unknown experiments with one log line; this fails when an upgrade drops the ones set."""
+    code = (
+        "import asyncio, os\n"
+        "from kleidi import tuning\n"
+        "os.environ.pop('GRPC_EXPERIMENTS', None)\n"
+        "tuning.grpc_environment()\n"
+        "import grpc\n"
+        "async def main():\n"
+        "    server = grpc.aio.server()\n"
+        "    await server.start()\n"
+        "    await server.stop(0)\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO, check=True
+    )
+    assert "Unknown experiment" not in done.stderr
+    bogus = code.replace("tuning.grpc_environment()", "os.environ['GRPC_EXPERIMENTS'] = 'no_such_experiment'")
+    done = subprocess.run(
+        [sys.executable, "-c", bogus], capture_output=True, text=True, timeout=60, cwd=REPO, check=True
+    )
+    assert "Unknown experiment: no_such_experiment" in done.stderr  # the check above can see the warning

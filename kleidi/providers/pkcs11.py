@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -63,7 +64,7 @@ _KCV_MESSAGE = b"kleidi key check value"
 class _Kek:
     """Object handles of one KEK on the current connection, with its reference and prebuilt header."""
 
-    __slots__ = ("aes", "aes_handle", "conn", "copy", "header", "key_id", "mac", "mac_handle", "ref")
+    __slots__ = ("aes", "aes_handle", "conn", "copy", "header", "key_id", "mac", "mac_handle", "ref", "verified")
 
     def __init__(self, ref: KeyRef, conn: object, aes: Any, mac: Any, copy: int | None) -> None:
         self.ref = ref
@@ -73,11 +74,14 @@ class _Kek:
         self.aes_handle: int = aes.value() if copy is None else copy  # what the direct calls use
         self.mac = mac
         self.mac_handle: int = mac.value() if mac is not None else 0
+        self.verified = time.monotonic()  # when the token object behind ``copy`` was last seen
         self.header = ref.header()  # also the GCM associated data
         self.key_id = ref.key_id
 
 
 _TAG_BITS = GCM_TAG_BYTES * 8
+# How long Encrypt may wrap with a session copy before it checks again that the token still has the key.
+_VERIFY_EVERY = 1.0
 
 
 def _kcv(sess: Session, mechanism: Mechanism, aes: Any, mac: Any) -> bytes:
@@ -138,6 +142,7 @@ class Pkcs11Provider:
         self._key_id = ""
         # KEKs found for decryption. Handles belong to one connection; an entry from an older one is looked up again.
         self._keks: dict[KeyRef, _Kek] = {}
+        self._kek_lock = threading.Lock()
         self._time = {op: metrics.backend_seconds.labels(self.name, op) for op in ("encrypt", "decrypt", "check")}
         self._errors = metrics.backend_errors
 
@@ -148,7 +153,15 @@ class Pkcs11Provider:
 
     def encrypt(self, plaintext: bytes, uid: str, deadline: float | None = None) -> Wrapped:
         def op(sess: Session) -> Wrapped:
-            return self._wrap(sess, self._current_kek(sess), plaintext)
+            kek = self._current_kek(sess)
+            if kek.copy is not None:
+                now = time.monotonic()
+                if now - kek.verified > _VERIFY_EVERY:
+                    # New data must not be wrapped for long under a key that is gone from the token: that data
+                    # could never be read again. Raises CKR_OBJECT_HANDLE_INVALID, which rebuilds the connection.
+                    sess.raw.getAttributeValue(kek.aes, [PyKCS11.CKA_CLASS])
+                    kek.verified = now
+            return self._wrap(sess, kek, plaintext)
 
         return self._run("encrypt", deadline, op)
 
@@ -273,18 +286,12 @@ class Pkcs11Provider:
         """The entry for a KEK found on the token, with a session copy of its AES key where
         pkcs11.session_keys asks for one. An entry with a copy is kept (not copied again at every health
         check); _verify_copies notices when the token object is gone."""
-        known = self._keks.get(ref)
-        if known is not None and known.conn is sess.conn and known.copy is not None:
-            return known
-        copy = None
-        try:
-            copy = sess.conn.session_copy(aes.value())
-        except PyKCS11.PyKCS11Error as exc:
-            if exc.value in LOST:
-                raise
-            log.warning("no session copy of the KEK; using the token object", extra={"ckr": ckr_name(exc)})
-        kek = self._keks[ref] = _Kek(ref, sess.conn, aes, mac, copy)
-        return kek
+        with self._kek_lock:  # callers racing to the same new KEK make one copy, not one each
+            known = self._keks.get(ref)
+            if known is not None and known.conn is sess.conn and known.copy is not None:
+                return known
+            kek = self._keks[ref] = _Kek(ref, sess.conn, aes, mac, sess.conn.session_copy(aes.value()))
+            return kek
 
     def _verify_copies(self, sess: Session) -> None:
         """A session copy works on after its token object is gone (deleted, or the token removed). Touching

@@ -88,6 +88,9 @@ _FUNCTIONS = [
 ]
 
 
+_USED = ("C_EncryptInit", "C_Encrypt", "C_DecryptInit", "C_Decrypt", "C_CopyObject", "C_SignInit", "C_Sign")
+
+
 class _FunctionList(ctypes.Structure):
     _fields_ = (("version", ctypes.c_ubyte * 2), *((name, ctypes.c_void_p) for name in _FUNCTIONS))
 
@@ -118,7 +121,12 @@ def _call(init: Any, run: Any, session: int, mechanism: Any, key: int, data: byt
     _check(init(session, ctypes.byref(mechanism), key))
     out = ctypes.create_string_buffer(max(size, 1))
     length = _ULONG(len(out))
-    _check(run(session, data, len(data), out, ctypes.byref(length)))
+    rv = run(session, data, len(data), out, ctypes.byref(length))
+    if rv == PyKCS11.CKR_BUFFER_TOO_SMALL and length.value > len(out):
+        # A token that wants more room than the result needs has said how much; the operation is still active.
+        out = ctypes.create_string_buffer(length.value)
+        rv = run(session, data, len(data), out, ctypes.byref(length))
+    _check(rv)
     return out.raw[: length.value]
 
 
@@ -144,6 +152,9 @@ class Direct:
             table = functions.contents
         finally:
             _ctypes.dlclose(handle)
+        missing = [name for name in _USED if getattr(table, name) is None]
+        if missing:
+            raise ConfigError(f"pkcs11.module: {module} does not provide {', '.join(missing)}")
         self._encrypt_init = _CRYPT_INIT(table.C_EncryptInit)
         self._encrypt = _CRYPT(table.C_Encrypt)
         self._decrypt_init = _CRYPT_INIT(table.C_DecryptInit)

@@ -71,13 +71,22 @@ class _Connection:
     borrowed: int = 0
     dead: bool = False
     keeper_lock: threading.Lock = field(default_factory=threading.Lock)
+    copies_refused: bool = False
 
     def session_copy(self, key: int) -> int | None:
-        """A session copy of token object ``key``, or None when this connection keeps none."""
-        if self.keeper is None:
-            return None
+        """A session copy of token object ``key``; None when this connection keeps none, or when the token
+        refused a copy once (a key without CKA_COPYABLE, a token without C_CopyObject): then not again."""
         with self.keeper_lock:  # one thread at a time per session, as PKCS#11 asks
-            return self.direct.session_copy(self.keeper.session.value(), key)
+            if self.keeper is None or self.copies_refused:
+                return None
+            try:
+                return self.direct.session_copy(self.keeper.session.value(), key)
+            except PyKCS11.PyKCS11Error as exc:
+                if exc.value in LOST:
+                    raise
+                log.warning("token refused a session copy of a KEK; using token objects", extra={"ckr": ckr_name(exc)})
+                self.copies_refused = True
+                return None
 
 
 class Session:
