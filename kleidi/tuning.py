@@ -31,7 +31,7 @@ def grpc_environment() -> None:
 
 
 class CpuPlacement:
-    """`cpu_affinity: auto`: every thread on one CPU while Encrypt/Decrypt calls come one at a time, all
+    """`cpu_affinity: auto`: every thread on one CPU while KMS calls come one at a time, all
     allowed CPUs while they overlap. Fed by the server on its event loop, so it needs no lock.
 
     The signal is how often a call starts while another is still in flight: never with one sequential
