@@ -58,6 +58,11 @@ class _Call:
         self._latency = {m: metrics.request_seconds.labels(api, m) for m in ("Encrypt", "Decrypt")}
         self._ok = {m: metrics.requests.labels(api, m, "OK") for m in ("Encrypt", "Decrypt")}
 
+    def track(self, context: grpc.aio.ServicerContext) -> None:
+        """Tell the CPU placement (cpu_affinity: auto) that a call started: Status, Encrypt and Decrypt do."""
+        if self._placement is not None:
+            self._placement.call_started(context)
+
     async def run(
         self,
         method: str,
@@ -69,8 +74,7 @@ class _Call:
         """``body`` does the work on a worker thread (or inline, for an inline-safe provider); ``fast``, when
         given, is tried first on the loop and answers None to fall back to ``body``."""
         started = time.perf_counter()
-        if self._placement is not None:
-            self._placement.call_started(context)
+        self.track(context)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         code = grpc.StatusCode.OK
@@ -197,25 +201,16 @@ def _encrypt_response(wrapped: Wrapped) -> v2_pb2.EncryptResponse:
 class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
     """v2.KeyManagementService: Status from the cached health state; Encrypt/Decrypt through the provider."""
 
-    def __init__(
-        self,
-        provider: Provider,
-        health: HealthMonitor,
-        metrics: Metrics,
-        pool: futures.ThreadPoolExecutor,
-        placement: tuning.CpuPlacement | None = None,
-    ) -> None:
+    def __init__(self, provider: Provider, health: HealthMonitor, call: _Call) -> None:
         self._provider = provider
         self._health = health
-        self._placement = placement
-        self._call = _Call(metrics, health, contract.KMS_V2, pool, provider, placement)
+        self._call = call
         self._fast = fast_path(provider)
         self._status_for: Any = None
         self._status: v2_pb2.StatusResponse = v2_pb2.StatusResponse()
 
     async def Status(self, request: v2_pb2.StatusRequest, context: grpc.aio.ServicerContext) -> v2_pb2.StatusResponse:
-        if self._placement is not None:
-            self._placement.call_started(context)
+        self._call.track(context)
         state = self._health.state
         if state is not self._status_for:  # rebuilt only when the health loop publishes a new state
             self._status = v2_pb2.StatusResponse(version=contract.KMS_V2, healthz=state.reason, key_id=state.key_id)
@@ -259,16 +254,9 @@ class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
 class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):
     """v1beta1.KeyManagementService, for clusters migrating off KMS v1 plugins."""
 
-    def __init__(
-        self,
-        provider: Provider,
-        health: HealthMonitor,
-        metrics: Metrics,
-        pool: futures.ThreadPoolExecutor,
-        placement: tuning.CpuPlacement | None = None,
-    ) -> None:
+    def __init__(self, provider: Provider, call: _Call) -> None:
         self._provider = provider
-        self._call = _Call(metrics, health, contract.KMS_V1, pool, provider, placement)
+        self._call = call
         self._fast = fast_path(provider)
         self._version = v1beta1_pb2.VersionResponse(
             version=contract.KMS_V1, runtime_name="kleidi", runtime_version=__version__
@@ -369,10 +357,10 @@ class KleidiServer:
             ],
         )
         v2_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            KmsV2Servicer(self.provider, self.health, self.metrics, pool, self.placement), server
+            KmsV2Servicer(self.provider, self.health, self._new_call(contract.KMS_V2, pool)), server
         )
         v1beta1_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            KmsV1Servicer(self.provider, self.health, self.metrics, pool, self.placement), server
+            KmsV1Servicer(self.provider, self._new_call(contract.KMS_V1, pool)), server
         )
         try:
             server.add_insecure_port(f"unix:{path}")
@@ -380,6 +368,9 @@ class KleidiServer:
             raise ConfigError(f"listen: cannot bind {path}: {exc}") from None
         await server.start()
         return server
+
+    def _new_call(self, api: str, pool: futures.ThreadPoolExecutor) -> _Call:
+        return _Call(self.metrics, self.health, api, pool, self.provider, self.placement)
 
     def _probe_health(self) -> tuple[bool, str]:
         state = self.health.state
