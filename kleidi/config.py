@@ -107,14 +107,10 @@ class Pkcs11Config(_Section):
     # "auto" means SoftHSM2 only.
     session_keys: Literal["auto", "always", "never"] = "auto"
 
-    @property
-    def software_token(self) -> bool:
-        """SoftHSM2: a token in kleidi's own process, answering in microseconds, never hanging."""
-        return os.path.basename(self.module).startswith("libsofthsm2")
-
     def tuned(self, setting: str) -> bool:
-        """Whether an auto|always|never SoftHSM2 tuning setting is on for this module."""
-        return setting == "always" or (setting == "auto" and self.software_token)
+        """Whether an auto|always|never tuning setting is on for this module: auto means SoftHSM2 only, a token
+        in kleidi's own process that answers in microseconds and never hangs."""
+        return setting == "always" or (setting == "auto" and os.path.basename(self.module).startswith("libsofthsm2"))
 
     @model_validator(mode="after")
     def _check(self) -> Pkcs11Config:

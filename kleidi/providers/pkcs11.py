@@ -112,11 +112,16 @@ def _cbc(sess: Session, key: int, data: bytes, iv: bytes, *, encrypt: bool) -> b
     """Raw CKM_AES_CBC on whole blocks, padding done here: tpm2-pkcs11's CKM_AES_CBC_PAD returns wrong
     results, and its CKM_AES_CBC answers unaligned input with an empty output and CKR_OK. The bytes
     are the same as CKM_AES_CBC_PAD's."""
-    direct = sess.direct
-    out = (direct.cbc_encrypt if encrypt else direct.cbc_decrypt)(sess.handle, key, iv, data)
+    out = sess.direct.cbc(sess.handle, key, iv, data, encrypt=encrypt)
     if len(out) != len(data):
         raise BackendUnavailable(f"token returned {len(out)} bytes for a {len(data)}-byte AES-CBC operation")
     return out
+
+
+def _touch_original(sess: Session, kek: _Kek) -> None:
+    """Read an attribute of the token object behind a session copy. Once that object is gone this raises
+    CKR_OBJECT_HANDLE_INVALID, which rebuilds the connection as any lost handle does."""
+    sess.raw.getAttributeValue(kek.aes, [PyKCS11.CKA_CLASS])
 
 
 def _find(raw: Any, label: str) -> list[Any]:
@@ -158,8 +163,8 @@ class Pkcs11Provider:
                 now = time.monotonic()
                 if now - kek.verified > _VERIFY_EVERY:
                     # New data must not be wrapped for long under a key that is gone from the token: that data
-                    # could never be read again. Raises CKR_OBJECT_HANDLE_INVALID, which rebuilds the connection.
-                    sess.raw.getAttributeValue(kek.aes, [PyKCS11.CKA_CLASS])
+                    # could never be read again.
+                    _touch_original(sess, kek)
                     kek.verified = now
             return self._wrap(sess, kek, plaintext)
 
@@ -294,12 +299,11 @@ class Pkcs11Provider:
             return kek
 
     def _verify_copies(self, sess: Session) -> None:
-        """A session copy works on after its token object is gone (deleted, or the token removed). Touching
-        each original raises CKR_OBJECT_HANDLE_INVALID then, which rebuilds the connection as any lost
-        handle does; the copies die with the old connection and the KEKs are looked up again."""
+        """A session copy works on after its token object is gone (deleted, or the token removed): touch every
+        original, so the connection is rebuilt, the copies die with it and the KEKs are looked up again."""
         for kek in list(self._keks.values()):
             if kek.copy is not None and kek.conn is sess.conn:
-                sess.raw.getAttributeValue(kek.aes, [PyKCS11.CKA_CLASS])
+                _touch_original(sess, kek)
 
     def _wrap(self, sess: Session, kek: _Kek, plaintext: bytes) -> Wrapped:
         if kek.ref.mechanism == "aes-gcm":

@@ -172,14 +172,11 @@ class Direct:
         # the plaintext is never longer than the input
         return _call(self._decrypt_init, self._decrypt, session, gcm.mechanism, key, data, len(data))
 
-    def cbc_encrypt(self, session: int, key: int, iv: bytes, data: bytes) -> bytes:
+    def cbc(self, session: int, key: int, iv: bytes, data: bytes, *, encrypt: bool) -> bytes:
         """CKM_AES_CBC on whole blocks: the output is as long as the input."""
         mechanism = _Mechanism(PyKCS11.CKM_AES_CBC, ctypes.cast(ctypes.c_char_p(iv), ctypes.c_void_p), len(iv))
-        return _call(self._encrypt_init, self._encrypt, session, mechanism, key, data, len(data))
-
-    def cbc_decrypt(self, session: int, key: int, iv: bytes, data: bytes) -> bytes:
-        mechanism = _Mechanism(PyKCS11.CKM_AES_CBC, ctypes.cast(ctypes.c_char_p(iv), ctypes.c_void_p), len(iv))
-        return _call(self._decrypt_init, self._decrypt, session, mechanism, key, data, len(data))
+        init, run = (self._encrypt_init, self._encrypt) if encrypt else (self._decrypt_init, self._decrypt)
+        return _call(init, run, session, mechanism, key, data, len(data))
 
     def hmac_sha256(self, session: int, key: int, data: bytes) -> bytes:
         return _call(self._sign_init, self._sign, session, _HMAC_SHA256, key, data, 32)
