@@ -7,12 +7,14 @@ between them costs tens of microseconds, more than the SoftHSM call itself:
 - keeping all of kleidi's threads on one CPU turns the remaining hand-offs into same-CPU switches.
 One CPU is also a ceiling, though: with callers in parallel, gRPC's C core reads and writes sockets
 without the GIL, on another CPU if it may. So `cpu_affinity: auto` is adaptive: one CPU while calls
-arrive one at a time (the apiserver's usual pattern), every allowed CPU while they overlap."""
+arrive one at a time (the apiserver's usual pattern); while they overlap, the event loop (the one thread
+that is busy all the time then) keeps that CPU to itself and every other thread moves to the others."""
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -31,17 +33,21 @@ def grpc_environment() -> None:
 
 
 class CpuPlacement:
-    """`cpu_affinity: auto`: every thread on one CPU while KMS calls come one at a time, all
-    allowed CPUs while they overlap. Fed by the server on its event loop, so it needs no lock.
+    """`cpu_affinity: auto`: every thread on one CPU while KMS calls come one at a time; while they
+    overlap, the event loop alone on that CPU and every other thread on the other allowed ones, so the
+    loop's cache holds only its own work. Fed by the server on its event loop, so it needs no lock.
 
     The signal is how often a call starts while another is still in flight: never with one sequential
     caller, about a quarter of calls with eight parallel ones. A moving average with a gap between the
-    two thresholds, and at least a second between switches, keeps a mixed load from flapping."""
+    two thresholds keeps a mixed load from flapping. Quick to spread, so a burst of parallel calls (the
+    apiserver's decrypts after a restart) is not squeezed onto one CPU; slow to go back: at least
+    ``_HOLD`` seconds spread first, so a short lull between bursts does not pin, and the threads' affinity
+    changes at most about once a second."""
 
     _WEIGHT = 0.02  # of each new call in the average: it reflects roughly the last 50 calls
     _SPREAD_ABOVE = 0.08
     _PIN_BELOW = 0.02
-    _DWELL = 1.0
+    _HOLD = 1.0
 
     def __init__(self, cpu: int, allowed: set[int]) -> None:
         self.cpu = cpu
@@ -61,10 +67,13 @@ class CpuPlacement:
         spread = self._overlap > (self._PIN_BELOW if self.spread else self._SPREAD_ABOVE)
         if spread != self.spread and not self._stopped:
             now = time.monotonic()
-            if now - self._switched >= self._DWELL:
+            if spread or now - self._switched >= self._HOLD:
                 self._switched = now
                 try:
-                    _set_affinity(self._allowed if spread else {self.cpu})
+                    if spread:  # this runs on the event loop: it keeps its CPU, everything else moves off it
+                        _set_affinity(self._allowed - {self.cpu}, caller={self.cpu})
+                    else:
+                        _set_affinity({self.cpu})
                 except OSError as exc:
                     # The CPUs allowed to the process changed under us (a cpuset update): leave placement
                     # to the scheduler from now on rather than fail a request.
@@ -73,7 +82,7 @@ class CpuPlacement:
                     log.warning("CPU placement stopped", extra={"reason": exc.strerror})
                     return
                 self.spread = spread
-                log.debug("CPU placement", extra={"cpus": "all allowed" if spread else self.cpu})
+                log.debug("CPU placement", extra={"cpus": "event loop alone" if spread else self.cpu})
 
     def _call_done(self, context: Any) -> None:
         self._in_flight -= 1
@@ -103,10 +112,13 @@ def place(setting: str | int) -> CpuPlacement | None:
     return None
 
 
-def _set_affinity(cpus: set[int], strict: bool = True) -> None:
+def _set_affinity(cpus: set[int], strict: bool = True, caller: set[int] | None = None) -> None:
+    """Every thread of the process to ``cpus``; the calling thread to ``caller`` instead, when given."""
+    me = threading.get_native_id()
     for task in os.listdir("/proc/self/task"):
+        tid = int(task)
         try:
-            os.sched_setaffinity(int(task), cpus)
+            os.sched_setaffinity(tid, caller if caller is not None and tid == me else cpus)
         except ProcessLookupError:  # a thread that ended meanwhile
             continue
         except OSError:

@@ -27,7 +27,9 @@ def _thread_cpus(pid: int) -> list[set[int]]:
     return found
 
 
-def test_auto_uses_one_cpu_for_sequential_calls_and_all_for_parallel_ones(plugin: KleidiProcess) -> None:
+def test_auto_uses_one_cpu_for_sequential_calls_and_gives_the_loop_its_own_under_parallel_ones(
+    plugin: KleidiProcess,
+) -> None:
     allowed = os.sched_getaffinity(0)
     plugin.start()
     plugin.wait_healthy()
@@ -50,13 +52,19 @@ def test_auto_uses_one_cpu_for_sequential_calls_and_all_for_parallel_ones(plugin
     callers = [threading.Thread(target=caller) for _ in range(8)]
     for t in callers:
         t.start()
+    others = allowed - one
+
+    def loop_alone() -> bool:  # the event loop keeps its CPU, every other thread moves to the others
+        cpus = _thread_cpus(pid)
+        return cpus.count(one) == 1 and all(c == others for c in cpus if c != one)
+
     try:
-        wait_for(lambda: all(c == allowed for c in _thread_cpus(pid)), 20, "threads on every CPU under parallel calls")
+        wait_for(loop_alone, 20, "the event loop alone on its CPU under parallel calls")
     finally:
         stop.set()
         for t in callers:
             t.join()
-    with plugin.client() as kms:  # one caller again: back to one CPU after the dwell time
+    with plugin.client() as kms:  # one caller again: back to one CPU after the hold time
         wait_for(lambda: kms.encrypt(b"k" * 32) and all(c == one for c in _thread_cpus(pid)), 20, "one CPU again")
 
 
@@ -123,7 +131,7 @@ def test_placement_stops_adapting_instead_of_failing_a_call(monkeypatch: pytest.
 
     monkeypatch.setattr(tuning.os, "sched_setaffinity", setaffinity)
     monkeypatch.setattr(tuning.os, "listdir", lambda path: ["1"])
-    monkeypatch.setattr(tuning.CpuPlacement, "_DWELL", 0.0)
+    monkeypatch.setattr(tuning.CpuPlacement, "_HOLD", 0.0)
     placement = tuning.CpuPlacement(1, {0, 1})
     contexts = [_Context() for _ in range(200)]
     for context in contexts:  # calls that overlap: placement wants every CPU, and the kernel refuses
@@ -136,26 +144,55 @@ def test_placement_stops_adapting_instead_of_failing_a_call(monkeypatch: pytest.
 
 
 def test_placement_follows_overlap_with_hysteresis(monkeypatch: pytest.MonkeyPatch) -> None:
-    applied: list[set[int]] = []
-    monkeypatch.setattr(tuning, "_set_affinity", lambda cpus, strict=True: applied.append(set(cpus)))
-    monkeypatch.setattr(tuning.CpuPlacement, "_DWELL", 0.0)
+    applied: list[tuple[set[int], set[int] | None]] = []
+
+    def set_affinity(cpus: set[int], strict: bool = True, caller: set[int] | None = None) -> None:
+        applied.append((set(cpus), caller))
+
+    monkeypatch.setattr(tuning, "_set_affinity", set_affinity)
+    monkeypatch.setattr(tuning.CpuPlacement, "_HOLD", 0.0)
     placement = tuning.CpuPlacement(3, {0, 1, 2, 3})
-    assert applied == [{3}]
+    assert applied == [({3}, None)]
     one = _Context()
     for _ in range(100):  # one call at a time: each ends before the next starts
         placement.call_started(one)
         one.callbacks.pop()(one)  # type: ignore[operator]
-    assert applied == [{3}] and not placement.spread
+    assert applied == [({3}, None)] and not placement.spread
     busy = [_Context() for _ in range(30)]
     for context in busy:  # thirty calls in flight together
         placement.call_started(context)
-    assert placement.spread and applied[-1] == {0, 1, 2, 3}
+    assert placement.spread and applied[-1] == ({0, 1, 2}, {3})  # the loop (the caller) keeps CPU 3
     for context in busy:
         context.callbacks.pop()(context)  # type: ignore[operator]
     for _ in range(300):
         placement.call_started(one)
         one.callbacks.pop()(one)  # type: ignore[operator]
-    assert not placement.spread and applied[-1] == {3}
+    assert not placement.spread and applied[-1] == ({3}, None)
+
+
+def test_placement_spreads_at_once_and_holds_before_going_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A burst right after a switch is not kept on one CPU; a lull right after spreading does not pin."""
+    applied: list[set[int]] = []
+    monkeypatch.setattr(tuning, "_set_affinity", lambda cpus, strict=True, caller=None: applied.append(set(cpus)))
+    clock = [100.0]
+    monkeypatch.setattr(tuning.time, "monotonic", lambda: clock[0])
+    placement = tuning.CpuPlacement(1, {0, 1})  # just switched (to one CPU)
+    busy = [_Context() for _ in range(30)]
+    for context in busy:
+        placement.call_started(context)
+    assert placement.spread and applied[-1] == {0}  # at once, not after the hold time
+    for context in busy:
+        context.callbacks.pop()(context)  # type: ignore[operator]
+    one = _Context()
+    for _ in range(300):  # sequential again, but within the hold time: stays spread
+        clock[0] += 0.001
+        placement.call_started(one)
+        one.callbacks.pop()(one)  # type: ignore[operator]
+    assert placement.spread
+    clock[0] += tuning.CpuPlacement._HOLD
+    placement.call_started(one)
+    one.callbacks.pop()(one)  # type: ignore[operator]
+    assert not placement.spread and applied[-1] == {1}
 
 
 def test_the_grpc_experiments_exist_in_the_installed_grpcio() -> None:
