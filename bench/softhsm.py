@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -10,12 +11,13 @@ from pathlib import Path
 import PyKCS11
 
 from bench import goclient
-from bench.common import HEADER, Result, kms_requests, measure, row, rss_mib
+from bench.common import HEADER, Caller, Result, kms_requests, measure, row, rss_mib
 from kleidi.client import KmsClient
 from tests.backends.softhsm import SoftHsm
 from tests.plugin import KleidiProcess, wait_for
 
 CALLS = 2000
+ROUNDS = 3
 STATUS = "/v2.KeyManagementService/Status"
 
 
@@ -64,29 +66,56 @@ def main() -> None:
                 print(
                     f"\nkleidi pkcs11 (SoftHSM2, aes-gcm), 32-byte data keys, through the unix socket; client: {client}"
                 )
+                print(f"median of {ROUNDS} rounds; each round measures 1 then 8 clients back to back")
                 print(HEADER)
                 status = call(plugin.socket, STATUS, b"", 1, CALLS)
                 print(row("Status", 1, status, None))
-                ours: dict[tuple[str, int], Result] = {}
+                rounds = [_round(call, plugin.socket, requests) for _ in range(ROUNDS)]
+                ours = {key: _median([r[key] for r in rounds]) for key in rounds[0]}
                 for n in (1, 8):
                     for op in ("Encrypt", "Decrypt"):
-                        ours[op, n] = call(plugin.socket, f"/v2.KeyManagementService/{op}", requests[op], n, CALLS)
                         print(row(op, n, ours[op, n], raw[op, n]))
-                _targets(status, ours, raw)
+                _targets(status, ours, raw, [_scaling(r) for r in rounds])
             assert plugin.proc is not None
-            print(f"\nplugin RSS after {len(callers) * 9 * CALLS} requests: {rss_mib(plugin.proc.pid):.1f} MiB")
+            served = len(callers) * (1 + ROUNDS * 18) * CALLS
+            print(f"\nplugin RSS after {served} requests: {rss_mib(plugin.proc.pid):.1f} MiB")
             print(f"time from start to first served Status: {first_status * 1000:.0f} ms")
         finally:
             plugin.stop()
 
 
-def _targets(status: Result, ours: dict[tuple[str, int], Result], raw: dict[tuple[str, int], Result]) -> None:
+def _round(call: Caller, socket: str, requests: dict[str, bytes]) -> dict[tuple[str, int], Result]:
+    """Each operation at 1 and then at 8 clients, back to back: the host's load drifts over a run (this VM's
+    throughput moves by 20% within a minute), so a scaling ratio compares measurements taken together."""
+    found = {}
+    for op in ("Encrypt", "Decrypt"):
+        for n in (1, 8):
+            found[op, n] = call(socket, f"/v2.KeyManagementService/{op}", requests[op], n, CALLS)
+    return found
+
+
+def _scaling(found: dict[tuple[str, int], Result]) -> float:
+    return min(found[op, 8].ops_per_s / found[op, 1].ops_per_s for op in ("Encrypt", "Decrypt"))
+
+
+def _median(results: list[Result]) -> Result:
+    return Result(
+        ops_per_s=statistics.median(r.ops_per_s for r in results),
+        p50_ms=statistics.median(r.p50_ms for r in results),
+        p99_ms=statistics.median(r.p99_ms for r in results),
+    )
+
+
+def _targets(
+    status: Result, ours: dict[tuple[str, int], Result], raw: dict[tuple[str, int], Result], scalings: list[float]
+) -> None:
     over = max(ours[op, 1].p50_ms - raw[op, 1].p50_ms for op in ("Encrypt", "Decrypt"))
-    scale = min(ours[op, 8].ops_per_s / ours[op, 1].ops_per_s for op in ("Encrypt", "Decrypt"))
+    scale = statistics.median(scalings)
+    each = ", ".join(f"{s:.2f}x" for s in scalings)
     checks = [
         ("Status p50 under 0.5 ms", status.p50_ms < 0.5, f"{status.p50_ms:.3f} ms"),
         ("Encrypt/Decrypt p50 at most 0.4 ms over raw", over <= 0.4, f"+{over:.3f} ms"),
-        ("8 clients at least 1.5x the 1-client ops/s", scale >= 1.5, f"{scale:.2f}x"),
+        ("8 clients at least 1.5x the 1-client ops/s", scale >= 1.5, f"{scale:.2f}x (rounds: {each})"),
     ]
     for name, met, value in checks:
         print(f"target {'met   ' if met else 'MISSED'} {name}: {value}")
