@@ -57,6 +57,7 @@ class CpuPlacement:
         self._in_flight = 0
         self._switched = time.monotonic()
         self._stopped = False
+        self._threads = threading.active_count()
         _set_affinity({cpu})
 
     def call_started(self, context: Any) -> None:
@@ -64,25 +65,34 @@ class CpuPlacement:
         self._in_flight += 1
         context.add_done_callback(self._call_done)
         self._overlap += self._WEIGHT * ((self._in_flight > 1) - self._overlap)
+        if self._stopped:
+            return
         spread = self._overlap > (self._PIN_BELOW if self.spread else self._SPREAD_ABOVE)
-        if spread != self.spread and not self._stopped:
+        if spread != self.spread:
             now = time.monotonic()
             if spread or now - self._switched >= self._HOLD:
                 self._switched = now
-                try:
-                    if spread:  # this runs on the event loop: it keeps its CPU, everything else moves off it
-                        _set_affinity(self._allowed - {self.cpu}, caller={self.cpu})
-                    else:
-                        _set_affinity({self.cpu})
-                except OSError as exc:
-                    # The CPUs allowed to the process changed under us (a cpuset update): leave placement
-                    # to the scheduler from now on rather than fail a request.
-                    self._stopped = True
-                    _set_affinity(set(range(os.cpu_count() or 1)), strict=False)  # the kernel keeps the cpuset
-                    log.warning("CPU placement stopped", extra={"reason": exc.strerror})
-                    return
-                self.spread = spread
-                log.debug("CPU placement", extra={"cpus": "event loop alone" if spread else self.cpu})
+                self._apply(spread)
+        elif spread and threading.active_count() != self._threads:
+            # A thread started since (a worker of the pool, started from the loop) took the loop's CPU with it.
+            self._apply(spread)
+
+    def _apply(self, spread: bool) -> None:
+        try:
+            if spread:  # this runs on the event loop: it keeps its CPU, everything else moves off it
+                _set_affinity(self._allowed - {self.cpu}, caller={self.cpu})
+            else:
+                _set_affinity({self.cpu})
+        except OSError as exc:
+            # The CPUs allowed to the process changed under us (a cpuset update): leave placement to the
+            # scheduler from now on rather than fail a request.
+            self._stopped = True
+            _set_affinity(set(range(os.cpu_count() or 1)), strict=False)  # the kernel keeps the cpuset
+            log.warning("CPU placement stopped", extra={"reason": exc.strerror})
+            return
+        self.spread = spread
+        self._threads = threading.active_count()
+        log.debug("CPU placement", extra={"cpus": "event loop alone" if spread else self.cpu})
 
     def _call_done(self, context: Any) -> None:
         self._in_flight -= 1

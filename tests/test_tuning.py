@@ -27,10 +27,12 @@ def _thread_cpus(pid: int) -> list[set[int]]:
     return found
 
 
+@pytest.mark.parametrize("inline_calls", ["auto", "never"])  # never: every call through the worker pool
 def test_auto_uses_one_cpu_for_sequential_calls_and_gives_the_loop_its_own_under_parallel_ones(
-    plugin: KleidiProcess,
+    plugin: KleidiProcess, inline_calls: str
 ) -> None:
     allowed = os.sched_getaffinity(0)
+    plugin.config["pkcs11"]["inline_calls"] = inline_calls  # type: ignore[index]
     plugin.start()
     plugin.wait_healthy()
     assert plugin.proc is not None
@@ -193,6 +195,30 @@ def test_placement_spreads_at_once_and_holds_before_going_back(monkeypatch: pyte
     placement.call_started(one)
     one.callbacks.pop()(one)  # type: ignore[operator]
     assert not placement.spread and applied[-1] == {1}
+
+
+def test_a_thread_started_while_spread_is_moved_off_the_loops_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pool workers start lazily, from the loop: they inherit its CPU and are moved at the next call."""
+    applied: list[set[int]] = []
+    monkeypatch.setattr(tuning, "_set_affinity", lambda cpus, strict=True, caller=None: applied.append(set(cpus)))
+    placement = tuning.CpuPlacement(1, {0, 1})
+    busy = [_Context() for _ in range(30)]
+    for context in busy:
+        placement.call_started(context)
+    assert placement.spread and applied == [{1}, {0}]
+    placement.call_started(_Context())
+    assert len(applied) == 2  # nothing changed: nothing to do
+    done = threading.Event()
+    worker = threading.Thread(target=done.wait)
+    worker.start()
+    try:
+        placement.call_started(_Context())
+        assert applied == [{1}, {0}, {0}]
+        placement.call_started(_Context())
+        assert len(applied) == 3
+    finally:
+        done.set()
+        worker.join()
 
 
 def test_the_grpc_experiments_exist_in_the_installed_grpcio() -> None:
