@@ -3,7 +3,8 @@
 One request crosses several threads (gRPC's poller, the event loop, and unless told otherwise gRPC's
 EventEngine threads). Measured with the apiserver's Go client on a 2-CPU VM, each cross-CPU wake-up
 between them costs tens of microseconds, more than the SoftHSM call itself:
-- gRPC's older, stable I/O path does the socket work on the poller thread, one hop fewer per request;
+- gRPC's older, stable I/O path reads the sockets on the poller thread, one hop fewer per request (a
+  response is still written by the thread that sends it, the event loop);
 - keeping all of kleidi's threads on one CPU turns the remaining hand-offs into same-CPU switches.
 One CPU is also a ceiling, though: with callers in parallel, gRPC's C core reads and writes sockets
 without the GIL, on another CPU if it may. So `cpu_affinity: auto` is adaptive: one CPU while calls
@@ -40,14 +41,15 @@ class CpuPlacement:
     The signal is how often a call starts while another is still in flight: never with one sequential
     caller, about a quarter of calls with eight parallel ones. A moving average with a gap between the
     two thresholds keeps a mixed load from flapping. Quick to spread, so a burst of parallel calls (the
-    apiserver's decrypts after a restart) is not squeezed onto one CPU; slow to go back: at least
-    ``_HOLD`` seconds spread first, so a short lull between bursts does not pin, and the threads' affinity
-    changes at most about once a second."""
+    apiserver's decrypts after a restart) is not squeezed onto one CPU; slow to go back: only after
+    ``_HOLD`` seconds without overlap, so a lull between bursts does not pin, and it pins at most once
+    per ``_HOLD``."""
 
     _WEIGHT = 0.02  # of each new call in the average: it reflects roughly the last 50 calls
     _SPREAD_ABOVE = 0.08
     _PIN_BELOW = 0.02
     _HOLD = 1.0
+    _clock = staticmethod(time.monotonic)
 
     def __init__(self, cpu: int, allowed: set[int]) -> None:
         self.cpu = cpu
@@ -55,9 +57,8 @@ class CpuPlacement:
         self.spread = False
         self._overlap = 0.0
         self._in_flight = 0
-        self._switched = time.monotonic()
+        self._applied = self._overlapped = self._clock()
         self._stopped = False
-        self._threads = threading.active_count()
         _set_affinity({cpu})
 
     def call_started(self, context: Any) -> None:
@@ -67,15 +68,19 @@ class CpuPlacement:
         self._overlap += self._WEIGHT * ((self._in_flight > 1) - self._overlap)
         if self._stopped:
             return
-        spread = self._overlap > (self._PIN_BELOW if self.spread else self._SPREAD_ABOVE)
-        if spread != self.spread:
-            now = time.monotonic()
-            if spread or now - self._switched >= self._HOLD:
-                self._switched = now
-                self._apply(spread)
-        elif spread and threading.active_count() != self._threads:
-            # A thread started since (a worker of the pool, started from the loop) took the loop's CPU with it.
-            self._apply(spread)
+        if not self.spread:
+            if self._overlap > self._SPREAD_ABOVE:
+                self._apply(spread=True)
+            return
+        now = self._clock()
+        if self._overlap >= self._PIN_BELOW:
+            self._overlapped = now
+        if now - self._overlapped >= self._HOLD:
+            self._apply(spread=False)
+        elif now - self._applied >= self._HOLD:
+            # Threads started since the last pass took their creator's CPUs: pool workers start from the
+            # loop and would share its CPU, and gRPC starts threads of its own. Once a second, move them too.
+            self._apply(spread=True)
 
     def _apply(self, spread: bool) -> None:
         try:
@@ -90,8 +95,10 @@ class CpuPlacement:
             _set_affinity(set(range(os.cpu_count() or 1)), strict=False)  # the kernel keeps the cpuset
             log.warning("CPU placement stopped", extra={"reason": exc.strerror})
             return
+        if spread and not self.spread:
+            self._overlapped = self._clock()
         self.spread = spread
-        self._threads = threading.active_count()
+        self._applied = self._clock()
         log.debug("CPU placement", extra={"cpus": "event loop alone" if spread else self.cpu})
 
     def _call_done(self, context: Any) -> None:
@@ -101,7 +108,8 @@ class CpuPlacement:
 def place(setting: str | int) -> CpuPlacement | None:
     """Apply ``cpu_affinity``. "auto" takes the highest-numbered CPU this process may use as its one CPU
     (CPU 0 usually carries most interrupts) and adapts; a number pins to that CPU for good; "none"
-    leaves scheduling alone. Threads started later inherit the current setting."""
+    leaves scheduling alone. A thread started later runs where the thread that started it may run; while
+    auto is spread, it is moved off the event loop's CPU within a second."""
     allowed = os.sched_getaffinity(0)
     if setting == "none":
         return None

@@ -16,15 +16,29 @@ from tests.conftest import pkcs11_config
 from tests.plugin import REPO, KleidiProcess, wait_for
 
 
-def _thread_cpus(pid: int) -> list[set[int]]:
-    """The CPUs each thread of ``pid`` may run on."""
-    found = []
+def _thread_cpus(pid: int) -> dict[int, set[int]]:
+    """The CPUs each thread of ``pid`` may run on, by thread id."""
+    found = {}
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
-            found.append(os.sched_getaffinity(int(task)))
+            found[int(task)] = os.sched_getaffinity(int(task))
         except ProcessLookupError:
             continue
     return found
+
+
+def _busiest_thread(pid: int) -> int:
+    """The thread of ``pid`` that has used the most CPU time: under a stream of calls, the event loop."""
+
+    def used(task: str) -> int:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            return -1
+        return int(fields[11]) + int(fields[12])  # utime + stime
+
+    return int(max(os.listdir(f"/proc/{pid}/task"), key=used))
 
 
 @pytest.mark.parametrize("inline_calls", ["auto", "never"])  # never: every call through the worker pool
@@ -40,10 +54,10 @@ def test_auto_uses_one_cpu_for_sequential_calls_and_gives_the_loop_its_own_under
     cpus = _thread_cpus(pid)
     assert len(cpus) > 3  # gRPC's poller, the event loop, health and probe threads, not only the main one
     if len(allowed) < 2:  # nothing to choose from: scheduling is left alone
-        assert all(c == allowed for c in cpus)
+        assert all(c == allowed for c in cpus.values())
         return
     one = {max(allowed)}
-    assert all(c == one for c in cpus), cpus
+    assert all(c == one for c in cpus.values()), cpus
     stop = threading.Event()
 
     def caller() -> None:
@@ -58,7 +72,8 @@ def test_auto_uses_one_cpu_for_sequential_calls_and_gives_the_loop_its_own_under
 
     def loop_alone() -> bool:  # the event loop keeps its CPU, every other thread moves to the others
         cpus = _thread_cpus(pid)
-        return cpus.count(one) == 1 and all(c == others for c in cpus if c != one)
+        alone = [tid for tid, c in cpus.items() if c == one]
+        return alone == [_busiest_thread(pid)] and all(c == others for c in cpus.values() if c != one)
 
     try:
         wait_for(loop_alone, 20, "the event loop alone on its CPU under parallel calls")
@@ -67,7 +82,9 @@ def test_auto_uses_one_cpu_for_sequential_calls_and_gives_the_loop_its_own_under
         for t in callers:
             t.join()
     with plugin.client() as kms:  # one caller again: back to one CPU after the hold time
-        wait_for(lambda: kms.encrypt(b"k" * 32) and all(c == one for c in _thread_cpus(pid)), 20, "one CPU again")
+        wait_for(
+            lambda: kms.encrypt(b"k" * 32) and all(c == one for c in _thread_cpus(pid).values()), 20, "one CPU again"
+        )
 
 
 def test_none_leaves_scheduling_alone(plugin: KleidiProcess) -> None:
@@ -75,7 +92,7 @@ def test_none_leaves_scheduling_alone(plugin: KleidiProcess) -> None:
     plugin.start()
     plugin.wait_healthy()
     assert plugin.proc is not None
-    assert all(c == os.sched_getaffinity(0) for c in _thread_cpus(plugin.proc.pid))
+    assert all(c == os.sched_getaffinity(0) for c in _thread_cpus(plugin.proc.pid).values())
 
 
 def test_a_cpu_outside_the_allowed_set_stops_startup(plugin: KleidiProcess) -> None:
@@ -91,7 +108,7 @@ def test_a_numbered_cpu_is_used(plugin: KleidiProcess) -> None:
     plugin.start()
     assert plugin.proc is not None
     pid = plugin.proc.pid
-    wait_for(lambda: all(c == {cpu} for c in _thread_cpus(pid)), 5, f"every thread on CPU {cpu}")
+    wait_for(lambda: all(c == {cpu} for c in _thread_cpus(pid).values()), 5, f"every thread on CPU {cpu}")
 
 
 def test_grpc_experiments_default_and_operator_override(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,6 +138,82 @@ class _Context:
     def add_done_callback(self, callback: object) -> None:
         self.callbacks.append(callback)
 
+    def end(self) -> None:
+        self.callbacks.pop()(self)  # type: ignore[operator]
+
+
+class _Placement:
+    """A CpuPlacement on CPU 3 of {0, 1, 2, 3} with a clock the test moves and affinity passes recorded."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.now = 100.0
+        self.applied: list[tuple[set[int], set[int] | None]] = []
+
+        def set_affinity(cpus: set[int], strict: bool = True, caller: set[int] | None = None) -> None:
+            self.applied.append((set(cpus), caller))
+
+        monkeypatch.setattr(tuning, "_set_affinity", set_affinity)
+        monkeypatch.setattr(tuning.CpuPlacement, "_clock", staticmethod(lambda: self.now))
+        self.placement = tuning.CpuPlacement(3, {0, 1, 2, 3})
+
+    def sequential(self, calls: int, seconds: float) -> None:
+        one = _Context()
+        for _ in range(calls):
+            self.now += seconds / calls
+            self.placement.call_started(one)
+            one.end()
+
+    def parallel(self, calls: int, seconds: float) -> None:
+        """``calls`` calls with eight in flight at any time."""
+        flight: list[_Context] = []
+        for _ in range(calls):
+            self.now += seconds / calls
+            if len(flight) == 8:
+                flight.pop(0).end()
+            flight.append(_Context())
+            self.placement.call_started(flight[-1])
+        for context in flight:
+            context.end()
+
+
+SPREAD = ({0, 1, 2}, {3})  # the event loop (the caller) keeps CPU 3, every other thread moves off it
+PINNED = ({3}, None)
+
+
+def test_placement_follows_overlap_with_hysteresis(monkeypatch: pytest.MonkeyPatch) -> None:
+    p = _Placement(monkeypatch)
+    assert p.applied == [PINNED]
+    p.sequential(100, 1.0)
+    assert p.applied == [PINNED] and not p.placement.spread
+    p.parallel(30, 0.01)  # spreads at once, not after a hold time
+    assert p.placement.spread and p.applied == [PINNED, SPREAD]
+    p.sequential(300, 0.3)  # calm again, but for less than a second
+    assert p.placement.spread and p.applied == [PINNED, SPREAD]
+    p.sequential(100, 1.0)
+    assert not p.placement.spread and p.applied[-1] == PINNED and PINNED not in p.applied[1:-1]
+
+
+def test_a_lull_after_a_long_burst_does_not_pin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hold counts from the last overlap, not from the switch: bursts of several seconds with short
+    lulls between them stay spread."""
+    p = _Placement(monkeypatch)
+    for _ in range(5):
+        p.parallel(6000, 1.5)
+        p.sequential(300, 0.1)
+    assert p.placement.spread
+    assert [a for a in p.applied if a == PINNED] == [PINNED]  # only the initial one: it never pinned again
+
+
+def test_threads_started_while_spread_are_moved_within_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pool workers start lazily, from the loop, and inherit its CPU: the move is repeated once a second."""
+    p = _Placement(monkeypatch)
+    p.parallel(30, 0.01)
+    assert p.applied == [PINNED, SPREAD]
+    p.parallel(100, 0.5)
+    assert p.applied == [PINNED, SPREAD]
+    p.parallel(100, 0.6)
+    assert p.applied == [PINNED, SPREAD, SPREAD]
+
 
 def test_placement_stops_adapting_instead_of_failing_a_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """A cpuset changed under kleidi makes sched_setaffinity fail: the call goes on, placement stops."""
@@ -133,7 +226,6 @@ def test_placement_stops_adapting_instead_of_failing_a_call(monkeypatch: pytest.
 
     monkeypatch.setattr(tuning.os, "sched_setaffinity", setaffinity)
     monkeypatch.setattr(tuning.os, "listdir", lambda path: ["1"])
-    monkeypatch.setattr(tuning.CpuPlacement, "_HOLD", 0.0)
     placement = tuning.CpuPlacement(1, {0, 1})
     contexts = [_Context() for _ in range(200)]
     for context in contexts:  # calls that overlap: placement wants every CPU, and the kernel refuses
@@ -145,80 +237,13 @@ def test_placement_stops_adapting_instead_of_failing_a_call(monkeypatch: pytest.
     assert len(calls) == tries  # stopped: no more attempts
 
 
-def test_placement_follows_overlap_with_hysteresis(monkeypatch: pytest.MonkeyPatch) -> None:
-    applied: list[tuple[set[int], set[int] | None]] = []
-
-    def set_affinity(cpus: set[int], strict: bool = True, caller: set[int] | None = None) -> None:
-        applied.append((set(cpus), caller))
-
-    monkeypatch.setattr(tuning, "_set_affinity", set_affinity)
-    monkeypatch.setattr(tuning.CpuPlacement, "_HOLD", 0.0)
-    placement = tuning.CpuPlacement(3, {0, 1, 2, 3})
-    assert applied == [({3}, None)]
-    one = _Context()
-    for _ in range(100):  # one call at a time: each ends before the next starts
-        placement.call_started(one)
-        one.callbacks.pop()(one)  # type: ignore[operator]
-    assert applied == [({3}, None)] and not placement.spread
-    busy = [_Context() for _ in range(30)]
-    for context in busy:  # thirty calls in flight together
-        placement.call_started(context)
-    assert placement.spread and applied[-1] == ({0, 1, 2}, {3})  # the loop (the caller) keeps CPU 3
-    for context in busy:
-        context.callbacks.pop()(context)  # type: ignore[operator]
-    for _ in range(300):
-        placement.call_started(one)
-        one.callbacks.pop()(one)  # type: ignore[operator]
-    assert not placement.spread and applied[-1] == ({3}, None)
-
-
-def test_placement_spreads_at_once_and_holds_before_going_back(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A burst right after a switch is not kept on one CPU; a lull right after spreading does not pin."""
-    applied: list[set[int]] = []
-    monkeypatch.setattr(tuning, "_set_affinity", lambda cpus, strict=True, caller=None: applied.append(set(cpus)))
-    clock = [100.0]
-    monkeypatch.setattr(tuning.time, "monotonic", lambda: clock[0])
-    placement = tuning.CpuPlacement(1, {0, 1})  # just switched (to one CPU)
-    busy = [_Context() for _ in range(30)]
-    for context in busy:
-        placement.call_started(context)
-    assert placement.spread and applied[-1] == {0}  # at once, not after the hold time
-    for context in busy:
-        context.callbacks.pop()(context)  # type: ignore[operator]
-    one = _Context()
-    for _ in range(300):  # sequential again, but within the hold time: stays spread
-        clock[0] += 0.001
-        placement.call_started(one)
-        one.callbacks.pop()(one)  # type: ignore[operator]
-    assert placement.spread
-    clock[0] += tuning.CpuPlacement._HOLD
-    placement.call_started(one)
-    one.callbacks.pop()(one)  # type: ignore[operator]
-    assert not placement.spread and applied[-1] == {1}
-
-
-def test_a_thread_started_while_spread_is_moved_off_the_loops_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Pool workers start lazily, from the loop: they inherit its CPU and are moved at the next call."""
-    applied: list[set[int]] = []
-    monkeypatch.setattr(tuning, "_set_affinity", lambda cpus, strict=True, caller=None: applied.append(set(cpus)))
-    placement = tuning.CpuPlacement(1, {0, 1})
-    busy = [_Context() for _ in range(30)]
-    for context in busy:
-        placement.call_started(context)
-    assert placement.spread and applied == [{1}, {0}]
-    placement.call_started(_Context())
-    assert len(applied) == 2  # nothing changed: nothing to do
-    done = threading.Event()
-    worker = threading.Thread(target=done.wait)
-    worker.start()
-    try:
-        placement.call_started(_Context())
-        assert applied == [{1}, {0}, {0}]
-        placement.call_started(_Context())
-        assert len(applied) == 3
-    finally:
-        done.set()
-        worker.join()
+def test_set_affinity_gives_the_calling_thread_its_own_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    me = threading.get_native_id()
+    seen: dict[int, set[int]] = {}
+    monkeypatch.setattr(tuning.os, "listdir", lambda path: [str(me), "1", "2"])
+    monkeypatch.setattr(tuning.os, "sched_setaffinity", lambda tid, cpus: seen.__setitem__(tid, set(cpus)))
+    tuning._set_affinity({0, 1}, caller={3})
+    assert seen == {me: {3}, 1: {0, 1}, 2: {0, 1}}
 
 
 def test_the_grpc_experiments_exist_in_the_installed_grpcio() -> None:
