@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import PyKCS11
@@ -43,12 +46,17 @@ def _raw_calls(hsm: SoftHsm, clients: int) -> tuple[dict[str, Result], list[obje
     return results, [lib, sessions]
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m bench` calls this with no arguments: the defaults."""
+    parser = argparse.ArgumentParser(prog="python -m bench.softhsm", description=(__doc__ or "").strip())
+    parser.add_argument("--cpu-affinity", help="kleidi's cpu_affinity: none, auto or a CPU (kleidi's default)")
+    args = parser.parse_args([] if argv is None else argv)
+    tuning = {} if args.cpu_affinity is None else {"cpu_affinity": _affinity(args.cpu_affinity)}
     with tempfile.TemporaryDirectory(prefix="kleidi-bench-") as tmp:
         root = Path(tmp)
         hsm = SoftHsm(root / "hsm")
         hsm.keygen("kek-1")
-        config = {"provider": "pkcs11", "pkcs11": hsm.config("kek-1", pool_size=8)}
+        config = {"provider": "pkcs11", **tuning, "pkcs11": hsm.config("kek-1", pool_size=8)}
         plugin = KleidiProcess(root / "kleidi", config, env=hsm.env)
         started = time.perf_counter()
         plugin.start(wait=False)
@@ -89,6 +97,10 @@ def main() -> None:
             print(f"time from start to first served Status: {first_status * 1000:.0f} ms")
         finally:
             plugin.stop()
+
+
+def _affinity(value: str) -> str | int:
+    return int(value) if value.isdigit() else value
 
 
 def _round(call: Caller, socket: str, requests: dict[str, bytes]) -> dict[tuple[str, int], Result]:
@@ -151,4 +163,4 @@ def _status_time(plugin: KleidiProcess, started: float) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

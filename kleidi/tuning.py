@@ -1,11 +1,14 @@
-"""Process-wide settings that make `kleidi serve` answer faster; both are applied before it starts serving.
+"""Process-wide settings that make `kleidi serve` answer faster, applied before it starts serving: the gRPC
+experiments always, the CPU placement when `cpu_affinity` asks for one (the default, none, leaves it to the
+scheduler).
 
 One request crosses several threads (gRPC's poller, the event loop, and unless told otherwise gRPC's
 EventEngine threads). Measured with the apiserver's Go client on a 2-CPU VM, each cross-CPU wake-up
 between them costs tens of microseconds, more than the SoftHSM call itself:
 - gRPC's older, stable I/O path reads the sockets on the poller thread, one hop fewer per request (a
   response is still written by the thread that sends it, the event loop);
-- keeping all of kleidi's threads on one CPU turns the remaining hand-offs into same-CPU switches.
+- keeping all of kleidi's threads on one CPU (`cpu_affinity: auto`, opt-in) turns the remaining hand-offs
+  into same-CPU switches.
 One CPU is also a ceiling, though: with callers in parallel, gRPC's C core reads and writes sockets
 without the GIL, on another CPU if it may. So `cpu_affinity: auto` is adaptive: one CPU while calls
 arrive one at a time (the apiserver's usual pattern); while they overlap, the event loop (the one thread

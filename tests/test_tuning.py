@@ -46,6 +46,7 @@ def test_auto_uses_one_cpu_for_sequential_calls_and_gives_the_loop_its_own_under
     plugin: KleidiProcess, inline_calls: str
 ) -> None:
     allowed = os.sched_getaffinity(0)
+    plugin.config["cpu_affinity"] = "auto"
     plugin.config["pkcs11"]["inline_calls"] = inline_calls  # type: ignore[index]
     plugin.start()
     plugin.wait_healthy()
@@ -87,8 +88,8 @@ def test_auto_uses_one_cpu_for_sequential_calls_and_gives_the_loop_its_own_under
         )
 
 
-def test_none_leaves_scheduling_alone(plugin: KleidiProcess) -> None:
-    plugin.config["cpu_affinity"] = "none"
+def test_none_leaves_scheduling_alone(plugin: KleidiProcess) -> None:  # the default: nothing in the config
+    assert "cpu_affinity" not in plugin.config
     plugin.start()
     plugin.wait_healthy()
     assert plugin.proc is not None
