@@ -116,14 +116,12 @@ class VaultAuth:
         return None
 
     def current(self, deadline: float) -> VaultToken:
-        token = self._token
-        if token is not None and not self._stale and not token.expired(time.monotonic()):
+        token = self.peek()
+        if token is not None:
             return token
         with self._lock:
-            token = self._token
-            if token is not None and not self._stale and not token.expired(time.monotonic()):
-                return token
-            return self._login_locked(deadline)
+            token = self.peek()  # another caller may have logged in while this one waited for the lock
+            return token if token is not None else self._login_locked(deadline)
 
     def refused(self, token: Any) -> bool:
         """Vault refused ``token`` (401/403). True if a new login is worth trying before giving up.
