@@ -1,6 +1,7 @@
-"""The per-request AES-GCM calls, made straight through the module's PKCS#11 function list with ctypes.
+"""The token calls of a request (AES-GCM, AES-CBC, HMAC-SHA256) and session copies of keys, made straight
+through the module's PKCS#11 function list with ctypes.
 
-PyKCS11 stays in charge of everything else (loading, slots, login, sessions, objects, CBC and HMAC).
+PyKCS11 stays in charge of everything else (loading, slots, login, sessions, finding objects, attributes).
 Its Session.encrypt costs about three times the token's own work on SoftHSM: a size-query call before
 the real one, a Python wrapper per argument, and a result that can only be read one byte at a time
 (about 0.3 µs per byte). Here one call fills a buffer of the known size, and the GIL is released while

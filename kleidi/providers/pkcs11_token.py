@@ -239,7 +239,7 @@ class Token:
             self._cond.acquire()
             self._connecting = False
             self._cond.notify_all()
-        # (an exception from _open has left through the finally above, recorded by the caller's handler below)
+        # Only a successful _open gets here; a failure left through the finally and _checkout records it.
         self._last_failure = None
         if self._closed:
             _unload(conn.lib)
