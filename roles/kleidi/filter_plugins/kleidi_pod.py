@@ -1,0 +1,126 @@
+"""The plugin's pod spec, built as data from the Helm values: the one place the static pod's container is made.
+
+The Helm chart renders the same container from the same values; tests/test_pod_spec.py holds the two together."""
+
+from __future__ import annotations
+
+import posixpath
+from typing import Any
+
+POD_NAME = "kleidi"
+CONFIG_FILE = "kleidi.yaml"
+CHECKSUM_ANNOTATION = "kleidi.io/config-checksum"
+_PROVIDER_SECTIONS = ("pkcs11", "vault")
+
+
+def plugin_config(values: dict[str, Any]) -> dict[str, Any]:
+    """kleidi.yaml: the values' `config` with only the section its provider names."""
+    config = dict(values["config"])
+    for section in _PROVIDER_SECTIONS:
+        if section != config["provider"]:
+            config.pop(section, None)
+    return config
+
+
+def socket_dir(values: dict[str, Any]) -> str:
+    listen = str(values["config"]["listen"])
+    return posixpath.dirname(listen.removeprefix("unix://"))
+
+
+def probe_endpoint(values: dict[str, Any]) -> tuple[str, int] | None:
+    """Where the kubelet's probes go: the plugin's HTTP endpoint. With hostNetwork a probe without a host goes to
+    the node's address, which a loopback listener never hears, so a loopback host is named."""
+    listen = str(values["config"].get("metrics_listen") or "")
+    if not listen:
+        return None
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def image_ref(values: dict[str, Any], default_tag: str) -> str:
+    image = values["image"]
+    ref = f"{image['repository']}:{image.get('tag') or default_tag}"
+    return f"{ref}@{image['digest']}" if image.get("digest") else ref
+
+
+def _probe(path: str, endpoint: tuple[str, int], timing: dict[str, Any]) -> dict[str, Any]:
+    host, port = endpoint
+    get: dict[str, Any] = {"path": path, "port": port, "scheme": "HTTP"}
+    if host and host not in ("0.0.0.0", "::"):  # noqa: S104 - a wildcard listener answers on the node address
+        get["host"] = host
+    return {"httpGet": get, **timing}
+
+
+def container(values: dict[str, Any], default_tag: str) -> dict[str, Any]:
+    """The plugin container: command, env, mounts, probes, resources and security context."""
+    config_dir = values["configDir"]
+    mounts = [
+        {"name": "config", "mountPath": config_dir, "readOnly": True},
+        {"name": "socket", "mountPath": socket_dir(values)},
+    ]
+    mounts += [
+        {"name": vol["name"], "mountPath": vol["path"], **({"readOnly": True} if vol.get("readOnly") else {})}
+        for vol in values.get("hostVolumes") or []
+    ]
+    spec: dict[str, Any] = {
+        "name": POD_NAME,
+        "image": image_ref(values, default_tag),
+        "imagePullPolicy": values["image"]["pullPolicy"],
+        "command": ["kleidi", "serve", "--config", posixpath.join(config_dir, CONFIG_FILE)],
+        "env": [{"name": name, "value": str(value)} for name, value in sorted((values.get("env") or {}).items())],
+        "volumeMounts": mounts,
+        "resources": values["resources"],
+        "securityContext": values["securityContext"],
+    }
+    if not spec["env"]:
+        del spec["env"]
+    endpoint = probe_endpoint(values)
+    if endpoint is not None:
+        spec["livenessProbe"] = _probe("/livez", endpoint, values["probes"]["liveness"])
+        spec["readinessProbe"] = _probe("/readyz", endpoint, values["probes"]["readiness"])
+    return spec
+
+
+def volumes(values: dict[str, Any]) -> list[dict[str, Any]]:
+    """Host paths behind the container's mounts. The socket directory is never removed by anything kleidi ships:
+    a running apiserver keeps its bind mount of the directory it saw first."""
+    found = [
+        {"name": "config", "hostPath": {"path": values["configDir"], "type": "Directory"}},
+        {"name": "socket", "hostPath": {"path": socket_dir(values), "type": "DirectoryOrCreate"}},
+    ]
+    found += [
+        {"name": vol["name"], "hostPath": {"path": vol["path"], "type": vol.get("type", "Directory")}}
+        for vol in values.get("hostVolumes") or []
+    ]
+    return found
+
+
+def static_pod(values: dict[str, Any], default_tag: str, config_checksum: str) -> dict[str, Any]:
+    """The static pod manifest; the checksum annotation makes the kubelet restart it when kleidi.yaml changes."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": POD_NAME,
+            "namespace": "kube-system",
+            "labels": {"app.kubernetes.io/name": "kleidi", "component": "kms-plugin", "tier": "control-plane"},
+            "annotations": {CHECKSUM_ANNOTATION: config_checksum},
+        },
+        "spec": {
+            "hostNetwork": bool(values["hostNetwork"]),
+            "priorityClassName": values["priorityClassName"],
+            "containers": [container(values, default_tag)],
+            "volumes": volumes(values),
+        },
+    }
+
+
+class FilterModule:
+    """kleidi_plugin_config, kleidi_static_pod and kleidi_socket_dir for the kleidi role's templates and tasks."""
+
+    def filters(self) -> dict[str, Any]:
+        return {
+            "kleidi_plugin_config": plugin_config,
+            "kleidi_static_pod": static_pod,
+            "kleidi_socket_dir": socket_dir,
+        }

@@ -1,0 +1,175 @@
+"""Writes roles/kleidi/meta/argument_specs.yml: the role's own variables, and under `kleidi_values.config` every
+plugin setting generated from kleidi's config model (names, types, choices) with the Helm values' descriptions.
+
+Run `python -m scripts.argument_specs` after changing kleidi/config.py or helm/kleidi/values.yaml;
+tests/test_pod_spec.py fails while the committed file differs from what this writes."""
+
+from __future__ import annotations
+
+import sys
+import types
+import typing
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, BeforeValidator
+
+from kleidi.config import Config
+from scripts.values_doc import REPO, descriptions
+
+TARGET = REPO / "roles" / "kleidi" / "meta" / "argument_specs.yml"
+
+_ROLE_OPTIONS: dict[str, dict[str, Any]] = {
+    "kleidi_backend": {
+        "type": "dict",
+        "required": True,
+        "description": "Set by the backend role (softhsm, tpm2 or vault_transit) that runs first: provider, settings "
+        "(the provider section of kleidi.yaml), env and volumes the plugin needs.",
+    },
+    "kleidi_values_file": {
+        "type": "path",
+        "default": "{{ role_path }}/../../helm/kleidi/values.yaml",
+        "description": "The Helm chart's values file, the single source of plugin defaults.",
+    },
+    "kleidi_manifests_dir": {
+        "type": "path",
+        "default": "/etc/kubernetes/manifests (kubeadm), /var/lib/rancher/rke2/agent/pod-manifests (rke2)",
+        "description": "The kubelet's static pod directory.",
+    },
+    "kleidi_venv": {
+        "type": "path",
+        "default": "/opt/kleidi",
+        "description": "Virtualenv on the node holding the kleidi command (run by the systemd unit, and by the "
+        "health check in both modes).",
+    },
+    "kleidi_python": {
+        "type": "path",
+        "default": "/usr/bin/python3",
+        "description": "The node's Python that makes the virtualenv.",
+    },
+    "kleidi_source_dir": {
+        "type": "path",
+        "default": "{{ role_path }}/../..",
+        "description": "The kleidi source tree on the controller; built into the wheel the nodes install.",
+    },
+    "kleidi_pip_extra_args": {
+        "type": "str",
+        "default": "",
+        "description": "Extra pip arguments on the nodes, e.g. --index-url of a mirror.",
+    },
+    "kleidi_health_timeout": {
+        "type": "int",
+        "default": 120,
+        "description": "Seconds a node's plugin may take to pass `kleidi check` after a (re)start.",
+    },
+    "kleidi_systemd_unit": {
+        "type": "path",
+        "default": "/etc/systemd/system/kleidi.service",
+        "description": "Path of the systemd unit (install mode systemd).",
+    },
+}
+
+# The Helm values besides `config`, as Ansible types; `config` is generated from the model.
+_VALUES_TYPES: dict[str, Any] = {
+    "image": {"repository": "str", "tag": "str", "digest": "str", "pullPolicy": "str"},
+    "configDir": "path",
+    "env": "dict",
+    "hostVolumes": "list",
+    "hostNetwork": "bool",
+    "priorityClassName": "str",
+    "resources": "dict",
+    "securityContext": "dict",
+    "probes": "dict",
+}
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """The type inside Optional/Annotated, and whether None was allowed."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        kinds = [arg for arg in args if arg is not type(None)]
+        if len(kinds) == 1:
+            return _unwrap(kinds[0])[0], True
+        return annotation, False
+    if typing.get_origin(annotation) is typing.Annotated:
+        return _unwrap(args[0])
+    return annotation, False
+
+
+def _parsed(metadata: list[Any]) -> bool:
+    """Settings kleidi parses from text itself (durations, octal modes) take any YAML scalar."""
+    return any(isinstance(meta, BeforeValidator) for meta in metadata)
+
+
+def _option(annotation: Any, path: str, docs: dict[str, str], parsed: bool = False) -> dict[str, Any]:
+    inner, _optional = (object, False) if parsed else _unwrap(annotation)
+    fallback = f"kleidi.yaml `{path.removeprefix('config.')}`; see README.md's configuration reference."
+    description = docs.get(path, fallback)
+    option: dict[str, Any] = {"description": description}
+    if isinstance(inner, type) and issubclass(inner, BaseModel):
+        option["type"] = "dict"
+        option["options"] = {
+            name: _option(field.annotation, f"{path}.{name}", docs, _parsed(field.metadata))
+            for name, field in inner.model_fields.items()
+        }
+    elif typing.get_origin(inner) is typing.Literal:
+        option["type"] = "str"
+        option["choices"] = list(typing.get_args(inner))
+    elif inner is str:
+        option["type"] = "str"
+    elif inner is int:
+        option["type"] = "int"
+    else:  # durations ("30s" or seconds), octal modes ("0600" or a number), cpu_affinity ("auto" or a CPU)
+        option["type"] = "raw"
+    return option
+
+
+def _values_option(docs: dict[str, str]) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for key, kind in _VALUES_TYPES.items():
+        if isinstance(kind, dict):
+            options[key] = {
+                "type": "dict",
+                "description": docs[key],
+                "options": {sub: {"type": t, "description": docs[f"{key}.{sub}"]} for sub, t in kind.items()},
+            }
+        else:
+            options[key] = {"type": kind, "description": docs[key]}
+    options["config"] = _option(Config, "config", docs)
+    return {
+        "type": "dict",
+        "default": {},
+        "description": "Values merged over kleidi_values_file, as `helm install -f` would: the same keys as the chart.",
+        "options": dict(sorted(options.items())),
+    }
+
+
+def render() -> str:
+    docs = descriptions()
+    options = dict(_ROLE_OPTIONS)
+    options["kleidi_values"] = _values_option(docs)
+    spec = {
+        "argument_specs": {
+            "main": {
+                "short_description": "Install the kleidi KMS plugin on a control-plane node",
+                "description": [
+                    "Writes kleidi.yaml from the Helm values and the backend role's settings, installs the kleidi "
+                    "command in a virtualenv, runs the plugin as a static pod or systemd unit, and waits until "
+                    "every control-plane node's plugin is healthy and reports the same key_id.",
+                    "Generated by scripts/argument_specs.py from kleidi's config model; do not edit by hand.",
+                ],
+                "options": dict(sorted(options.items())),
+            }
+        }
+    }
+    return "---\n" + yaml.safe_dump(spec, sort_keys=False, width=120, allow_unicode=True)
+
+
+def main() -> int:
+    TARGET.write_text(render(), encoding="utf-8")
+    print(f"wrote {TARGET.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
