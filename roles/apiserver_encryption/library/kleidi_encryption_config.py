@@ -1,0 +1,140 @@
+#!/usr/bin/python
+"""Ansible module: put a kms v2 provider first in an EncryptionConfiguration, keeping every existing provider."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: kleidi_encryption_config
+short_description: Put kleidi's kms v2 provider first in an apiserver EncryptionConfiguration
+description:
+  - Reads the configuration at O(path), or the one at O(existing) when O(path) does not exist yet (RKE2 keeps its
+    own elsewhere), and writes one where the kms v2 provider comes first for each of O(resources). Every provider
+    already there is kept after it, with its keys, so data it wrote stays readable. C(identity) goes last only
+    where plaintext may exist (the resource had no configuration, or already listed identity).
+  - A changed file is first copied to O(backup_dir)/<stamp>/<its path>.
+options:
+  path: {description: Host path of the configuration to write., type: path, required: true}
+  existing: {description: Host path of a configuration to start from when O(path) does not exist., type: path}
+  resources: {description: Resources the kms provider encrypts., type: list, elements: str, default: [secrets]}
+  kms_name: {description: The kms provider's name; never rename it once data is written., type: str, required: true}
+  endpoint: {description: "unix:// endpoint of the plugin, as the apiserver sees it.", type: str, required: true}
+  timeout: {description: How long the apiserver waits for the plugin., type: str, default: 3s}
+  backup_dir: {description: Host directory for backups., type: path, required: true}
+  stamp: {description: Name of this run's backup directory., type: str, required: true}
+  root: {description: The node root prefixed to every path (empty on a real node)., type: str, default: ""}
+"""
+
+import os
+
+import yaml
+from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.kleidi_files import backup_file, write_file
+
+KIND = "EncryptionConfiguration"
+API_VERSION = "apiserver.config.k8s.io/v1"
+
+
+def _load(path):
+    with open(path, encoding="utf-8") as handle:
+        data = yaml.safe_load(handle) or {}
+    if data.get("kind") != KIND:
+        raise ValueError(f"{path} is not an {KIND} (kind: {data.get('kind')!r})")
+    return data
+
+
+def merge(existing, resources, kms):
+    """The configuration with ``kms`` first for every resource in ``resources``; existing providers follow.
+
+    An entry that lists some of those resources with others is split, so the others keep exactly their providers.
+    A resource never configured before gets an entry at the top, ahead of any wildcard entry."""
+    config = {"apiVersion": API_VERSION, "kind": KIND, "resources": []}
+    wanted = list(resources)
+    for entry in (existing or {}).get("resources") or []:
+        names = list(entry.get("resources") or [])
+        ours = [name for name in names if name in wanted]
+        providers = [p for p in entry.get("providers") or [] if (p.get("kms") or {}).get("name") != kms["name"]]
+        if ours:
+            plaintext_possible = any("identity" in p for p in providers)
+            config["resources"].append(
+                {**entry, "resources": ours, "providers": _with_kms(providers, kms, plaintext_possible)}
+            )
+            wanted = [name for name in wanted if name not in ours]
+        rest = [name for name in names if name not in ours]
+        if rest:  # untouched, kleidi's own provider included: data it wrote for them must stay readable
+            config["resources"].append({**entry, "resources": rest})
+    if wanted:  # never encrypted before: what etcd holds for them is plaintext, readable through identity
+        config["resources"].insert(0, {"resources": wanted, "providers": _with_kms([], kms, plaintext_possible=True)})
+    return config
+
+
+def _with_kms(providers, kms, plaintext_possible):
+    others = [p for p in providers if "identity" not in p]
+    return [{"kms": kms}, *others, *([{"identity": {}}] if plaintext_possible else [])]
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec={
+            "path": {"type": "path", "required": True},
+            "existing": {"type": "path"},
+            "resources": {"type": "list", "elements": "str", "default": ["secrets"]},
+            "kms_name": {"type": "str", "required": True},
+            "endpoint": {"type": "str", "required": True},
+            "timeout": {"type": "str", "default": "3s"},
+            "backup_dir": {"type": "path", "required": True},
+            "stamp": {"type": "str", "required": True},
+            "root": {"type": "str", "default": ""},
+        },
+        supports_check_mode=True,
+    )
+    params = module.params
+    if not params["endpoint"].startswith("unix:///"):
+        module.fail_json(msg="endpoint must be unix:///absolute/path.sock")
+    source = params["path"] if os.path.exists(params["path"]) else params["existing"]
+    try:
+        current = _load(source) if source and os.path.exists(source) else None
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        module.fail_json(msg=f"cannot read the existing encryption configuration: {exc}")
+    kms = {"apiVersion": "v2", "name": params["kms_name"], "endpoint": params["endpoint"], "timeout": params["timeout"]}
+    wanted = merge(current, params["resources"], kms)
+    on_disk = _load(params["path"]) if os.path.exists(params["path"]) else None
+    result = {"changed": on_disk != wanted, "path": params["path"], "started_from": source, "config": wanted}
+    if result["changed"]:
+        text = yaml.safe_dump(wanted, sort_keys=False)
+        result["diff"] = {
+            "before": yaml.safe_dump(on_disk, sort_keys=False) if on_disk else "",
+            "after": text,
+            "before_header": params["path"],
+            "after_header": params["path"],
+        }
+        if not module.check_mode:
+            result["backup"] = backup_file(
+                module, params["path"], params["backup_dir"], params["stamp"], params["root"]
+            )
+            write_file(module, params["path"], text, mode=0o600)
+    # The configuration holds the keys of the providers kept (aescbc, secretbox): never return it in clear.
+    result["config"] = _redacted(wanted)
+    if "diff" in result:
+        result["diff"] = {
+            **result["diff"],
+            "before": _redact_text(result["diff"]["before"]),
+            "after": _redact_text(result["diff"]["after"]),
+        }
+    module.exit_json(**result)
+
+
+def _redacted(config):
+    text = yaml.safe_dump(config, sort_keys=False)
+    return yaml.safe_load(_redact_text(text))
+
+
+def _redact_text(text):
+    lines = []
+    for line in text.splitlines():
+        key, sep, _value = line.partition("secret:")
+        lines.append(f"{key}secret: <redacted>" if sep else line)
+    return "\n".join(lines) + ("\n" if text.endswith("\n") else "")
+
+
+if __name__ == "__main__":
+    main()
