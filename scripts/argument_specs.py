@@ -1,4 +1,4 @@
-"""Writes roles/kleidi/meta/argument_specs.yml: the role's own variables, and under `kleidi_values.config` every
+"""Writes roles/kleidi_plugin/meta/argument_specs.yml: the role's own variables, and under `kleidi_values.config` every
 plugin setting generated from kleidi's config model (names, types, choices) with the Helm values' descriptions.
 
 Run `python -m scripts.argument_specs` after changing kleidi/config.py or helm/kleidi/values.yaml;
@@ -17,52 +17,52 @@ from pydantic import BaseModel, BeforeValidator
 from kleidi.config import Config
 from scripts.values_doc import REPO, descriptions
 
-TARGET = REPO / "roles" / "kleidi" / "meta" / "argument_specs.yml"
+TARGET = REPO / "roles" / "kleidi_plugin" / "meta" / "argument_specs.yml"
 
 _ROLE_OPTIONS: dict[str, dict[str, Any]] = {
-    "kleidi_backend": {
+    "kleidi_plugin_backend": {
         "type": "dict",
         "required": True,
-        "description": "Set by the backend role (softhsm, tpm2 or vault_transit) that runs first: provider, settings "
-        "(the provider section of kleidi.yaml), env and volumes the plugin needs.",
+        "description": "What the backend role that ran first (kleidi_softhsm, kleidi_tpm2 or kleidi_vault) reports: "
+        "provider, settings (the provider section of kleidi.yaml), env and volumes the plugin needs.",
     },
-    "kleidi_values_file": {
+    "kleidi_plugin_values_file": {
         "type": "path",
         "default": "{{ role_path }}/../../helm/kleidi/values.yaml",
         "description": "The Helm chart's values file, the single source of plugin defaults.",
     },
-    "kleidi_manifests_dir": {
+    "kleidi_plugin_manifests_dir": {
         "type": "path",
         "default": "/etc/kubernetes/manifests (kubeadm), /var/lib/rancher/rke2/agent/pod-manifests (rke2)",
         "description": "The kubelet's static pod directory.",
     },
-    "kleidi_venv": {
+    "kleidi_plugin_venv": {
         "type": "path",
         "default": "/opt/kleidi",
         "description": "Virtualenv on the node holding the kleidi command (run by the systemd unit, and by the "
         "health check in both modes).",
     },
-    "kleidi_python": {
+    "kleidi_plugin_python": {
         "type": "path",
         "default": "/usr/bin/python3",
         "description": "The node's Python that makes the virtualenv.",
     },
-    "kleidi_source_dir": {
+    "kleidi_plugin_source_dir": {
         "type": "path",
         "default": "{{ role_path }}/../..",
         "description": "The kleidi source tree on the controller; built into the wheel the nodes install.",
     },
-    "kleidi_pip_extra_args": {
+    "kleidi_plugin_pip_extra_args": {
         "type": "str",
         "default": "",
         "description": "Extra pip arguments on the nodes, e.g. --index-url of a mirror.",
     },
-    "kleidi_health_timeout": {
+    "kleidi_plugin_health_timeout": {
         "type": "int",
         "default": 120,
         "description": "Seconds a node's plugin may take to pass `kleidi check` after a (re)start.",
     },
-    "kleidi_systemd_unit": {
+    "kleidi_plugin_systemd_unit": {
         "type": "path",
         "default": "/etc/systemd/system/kleidi.service",
         "description": "Path of the systemd unit (install mode systemd).",
@@ -139,7 +139,7 @@ def _values_option(docs: dict[str, str]) -> dict[str, Any]:
     return {
         "type": "dict",
         "default": {},
-        "description": "Values merged over kleidi_values_file, as `helm install -f` would: the same keys as the chart.",
+        "description": "Values merged over kleidi_plugin_values_file, as `helm install -f` would: the same keys as the chart.",
         "options": dict(sorted(options.items())),
     }
 
@@ -147,7 +147,7 @@ def _values_option(docs: dict[str, str]) -> dict[str, Any]:
 def render() -> str:
     docs = descriptions()
     options = dict(_ROLE_OPTIONS)
-    options["kleidi_values"] = _values_option(docs)
+    options["kleidi_plugin_values"] = _values_option(docs)
     spec = {
         "argument_specs": {
             "main": {
@@ -162,7 +162,14 @@ def render() -> str:
             }
         }
     }
-    return "---\n" + yaml.safe_dump(spec, sort_keys=False, width=120, allow_unicode=True)
+    return "---\n" + yaml.dump(spec, Dumper=_IndentedDumper, sort_keys=False, width=120, allow_unicode=True)
+
+
+class _IndentedDumper(yaml.SafeDumper):
+    """Indents list items under their key, as yamllint (and so ansible-lint) expects."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        super().increase_indent(flow, False)
 
 
 def main() -> int:

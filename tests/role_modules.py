@@ -22,11 +22,11 @@ def load(path: Path, name: str) -> ModuleType:
 
 
 def apiserver_module(name: str) -> ModuleType:
-    """A module of the apiserver_encryption role, with the role's module_utils where Ansible would put them."""
-    role = ROLES / "apiserver_encryption"
+    """A module of the kleidi_apiserver role, with the role's module_utils where Ansible would put them."""
+    role = ROLES / "kleidi_apiserver"
     load(role / "module_utils" / "kleidi_files.py", "ansible.module_utils.kleidi_files")
     return load(role / "library" / f"{name}.py", f"kleidi_role_{name}")
 
 
 def pod_filters() -> ModuleType:
-    return load(ROLES / "kleidi" / "filter_plugins" / "kleidi_pod.py", "kleidi_role_pod")
+    return load(ROLES / "kleidi_plugin" / "filter_plugins" / "kleidi_pod.py", "kleidi_role_pod")

@@ -1,4 +1,4 @@
-"""The apiserver_encryption role's structured edits: EncryptionConfiguration merge and manifest changes."""
+"""The kleidi_apiserver role's structured edits: EncryptionConfiguration merge and manifest changes."""
 
 from __future__ import annotations
 

@@ -18,13 +18,13 @@ pod = pod_filters()
 
 
 def test_argument_specs_are_what_the_generator_writes_from_the_config_model() -> None:
-    committed = (REPO / "roles" / "kleidi" / "meta" / "argument_specs.yml").read_text()
+    committed = (REPO / "roles" / "kleidi_plugin" / "meta" / "argument_specs.yml").read_text()
     assert committed == argument_specs.render(), "run: python -m scripts.argument_specs"
 
 
 def test_every_plugin_setting_is_in_the_role_spec_with_the_models_choices() -> None:
     spec = yaml.safe_load(argument_specs.render())["argument_specs"]["main"]["options"]
-    config_spec = spec["kleidi_values"]["options"]["config"]["options"]
+    config_spec = spec["kleidi_plugin_values"]["options"]["config"]["options"]
     assert set(config_spec) == set(kleidi_config.Config.model_fields)
     assert config_spec["log_level"]["choices"] == ["debug", "info", "warning", "error"]
     assert set(config_spec["pkcs11"]["options"]) == set(kleidi_config.Pkcs11Config.model_fields)

@@ -1,4 +1,4 @@
-"""File writes for the apiserver_encryption modules: a timestamped backup first, then an atomic replace."""
+"""File writes for the kleidi_apiserver modules: a timestamped backup first, then an atomic replace."""
 
 from __future__ import annotations
 

@@ -116,11 +116,11 @@ def static_pod(values: dict[str, Any], default_tag: str, config_checksum: str) -
 
 
 class FilterModule:
-    """kleidi_plugin_config, kleidi_static_pod and kleidi_socket_dir for the kleidi role's templates and tasks."""
+    """The kleidi_plugin role's filters: kleidi.yaml, the static pod and the socket directory from the values."""
 
     def filters(self) -> dict[str, Any]:
         return {
-            "kleidi_plugin_config": plugin_config,
+            "kleidi_config_file": plugin_config,
             "kleidi_static_pod": static_pod,
             "kleidi_socket_dir": socket_dir,
         }
