@@ -139,7 +139,8 @@ def _values_option(docs: dict[str, str]) -> dict[str, Any]:
     return {
         "type": "dict",
         "default": {},
-        "description": "Values merged over kleidi_plugin_values_file, as `helm install -f` would: the same keys as the chart.",
+        "description": "Values merged over kleidi_plugin_values_file, as `helm install -f` would: "
+        "the same keys as the chart.",
         "options": dict(sorted(options.items())),
     }
 

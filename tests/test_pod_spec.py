@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import kubernetes_validate
 import yaml
 
 from kleidi import config as kleidi_config
@@ -117,3 +118,12 @@ def test_a_digest_pins_the_image() -> None:
     values = load_values()
     values["image"]["digest"] = "sha256:" + "ab" * 32
     assert pod.image_ref(values, "0.1.0").endswith("@sha256:" + "ab" * 32)
+
+
+def test_the_static_pod_is_a_valid_pod_for_every_supported_kubernetes() -> None:
+    values = load_values()
+    values["env"] = {"SOFTHSM2_CONF": "/etc/kleidi/softhsm2.conf"}
+    values["hostVolumes"] = [{"name": "tpm", "path": "/dev/tpmrm0", "type": "CharDevice", "readOnly": False}]
+    manifest = pod.static_pod(values, "0.1.0", "x")
+    for version in ("1.29", "1.31", "1.33"):
+        kubernetes_validate.validate(manifest, version, strict=True)
