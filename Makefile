@@ -26,11 +26,12 @@ demo: deps
 	$(PYTHON) -m scripts.demo
 
 lint:
-	$(PYTHON) -m ruff check kleidi tests bench scripts
-	$(PYTHON) -m ruff format --check kleidi tests bench scripts
+	$(PYTHON) -m ruff check kleidi tests bench scripts molecule
+	$(PYTHON) -m ruff format --check kleidi tests bench scripts molecule
 
 typecheck:
 	$(PYTHON) -m mypy
+	$(PYTHON) -m mypy --strict --ignore-missing-imports --follow-imports=silent molecule/default/simnode/*.py
 
 test: deps lint typecheck
 	$(PYTHON) -m pytest -q

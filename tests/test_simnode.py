@@ -1,0 +1,472 @@
+"""molecule/default/simnode: the node agent and the kube-apiserver stand-in, as real processes.
+
+Each test gets a node root of its own and, on the real host, a unique mount-point prefix under /run, so that
+it shows what a pod sees at its mountPaths and what is left outside. Every agent is stopped, and every path the
+test made is removed, even when the test fails."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import secrets
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.backends.softhsm import SoftHsm
+from tests.conftest import pkcs11_config
+from tests.plugin import REPO, KleidiProcess, free_port, wait_for
+
+SIMNODE = REPO / "molecule" / "default" / "simnode"
+AGENT = SIMNODE / "node_agent.py"
+STANDIN = SIMNODE / "apiserver_standin.py"
+PKI = SIMNODE / "pki.py"
+UID, GID = 10001, 10002
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces and setpriv need root")
+
+
+def agent(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([sys.executable, str(AGENT), *args], capture_output=True, text=True, timeout=90, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"node_agent {args[0]} failed ({done.returncode}): {done.stdout}{done.stderr}")
+    return done
+
+
+class Node:
+    """A simulated node: its root, its agent's state dir, and the host prefix its pods mount under."""
+
+    def __init__(self, base: Path) -> None:
+        self.root = base / "root"
+        self.state = base / "agent"
+        self.root.mkdir(parents=True)
+        self.manifests = self.root / "etc/kubernetes/manifests"
+        self.manifests.mkdir(parents=True)
+        # Paths on the real host that no one else uses: the pods' mount points go there.
+        self.host = Path(f"/run/simnode-test-{secrets.token_hex(4)}")
+        self.pids: set[int] = set()
+
+    def path(self, node_path: str) -> Path:
+        return self.root / node_path.lstrip("/")
+
+    def start(self, *programs: str, address: str = "127.0.0.1") -> None:
+        flags = [f"--program={p}" for p in programs]
+        agent("start", "--node", "cp-test", "--node-root", str(self.root), "--state-dir", str(self.state),
+              "--node-address", address, *flags)  # fmt: skip
+
+    def status(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads(agent("status", "--state-dir", str(self.state)).stdout)
+        self.pids |= {p["pid"] for p in data.get("pods", {}).values() if p.get("pid")}
+        return data
+
+    def pod(self, name: str) -> dict[str, Any]:
+        return self.status()["pods"].get(f"kube-system/{name}", {})
+
+    def write(self, manifest: dict[str, Any], file: str | None = None) -> Path:
+        path = self.manifests / (file or f"{manifest['metadata']['name']}.yaml")
+        tmp = path.with_name(f".{path.name}.tmp")  # the kubelet skips dot files: write, then rename
+        tmp.write_text(yaml.safe_dump(manifest, sort_keys=False))
+        tmp.replace(path)
+        return path
+
+    def log(self, pod: str) -> str:
+        parts = []
+        for name in ("agent.log", f"{pod}.log"):
+            if (self.state / name).exists():
+                parts.append(f"--- {name}\n" + (self.state / name).read_text(errors="replace")[-4000:])
+        return "\n".join(parts)
+
+
+@pytest.fixture
+def node() -> Iterator[Node]:
+    base = Path(f"/var/tmp/simnode-test-{secrets.token_hex(4)}")
+    base.mkdir(mode=0o755)
+    made = Node(base)
+    try:
+        yield made
+    finally:
+        stopped = agent("stop", "--state-dir", str(made.state), check=False)
+        left = [pid for pid in made.pids if Path(f"/proc/{pid}").exists()]
+        for pid in left:
+            os.kill(pid, 9)
+        host_left = made.host.exists()
+        if host_left:
+            subprocess.run(["umount", "-R", "-l", str(made.host)], capture_output=True, check=False)
+            shutil.rmtree(made.host, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert not left, f"pod processes outlived `stop`: {left}"
+        assert not host_left, f"`stop` left {made.host} on the host: {stopped.stdout}"
+
+
+def fake_kleidi(node: Node) -> str:
+    """A program standing in for an image's binary: reports what it sees, then stays up."""
+    script = node.path("/bin/fake-kleidi")
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(
+        "#!/bin/sh\n"
+        'report="$1"; data="$2"\n'
+        "{\n"
+        '  echo "uid=$(id -u)"; echo "gid=$(id -g)"; echo "groups=$(id -G)"\n'
+        '  echo "greeting=$GREETING"\n'
+        '  echo "pwd=$(pwd)"\n'
+        '  echo "hello=$(cat "$data/hello.txt")"\n'
+        '  if touch "$data/probe" 2>/dev/null; then echo data-writable=yes; else echo data-writable=no; fi\n'
+        "  if touch /var/tmp/simnode-root-probe 2>/dev/null; then echo root-writable=yes\n"
+        "  else echo root-writable=no; fi\n"
+        '} > "$report/report.tmp" && mv "$report/report.tmp" "$report/report.txt"\n'
+        '[ "$3" = crash ] && exit 3\n'
+        "exec sleep 600\n"
+    )
+    script.chmod(0o755)
+    return f"kleidi={script}"
+
+
+def pod_manifest(
+    node: Node, greeting: str = "hello", data_type: str = "DirectoryOrCreate", mode: str = ""
+) -> dict[str, Any]:
+    data, report = f"{node.host}/data", f"{node.host}/report"
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "kleidi", "namespace": "kube-system"},
+        "spec": {
+            "hostNetwork": True,
+            "containers": [
+                {
+                    "name": "kleidi",
+                    "image": "example.org/kleidi:test",
+                    "command": ["kleidi", report, data],
+                    "args": [mode] if mode else [],
+                    "workingDir": report,
+                    "env": [
+                        {"name": "NODE", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+                        {"name": "GREETING", "value": f"{greeting} from $(NODE)"},
+                    ],
+                    "securityContext": {
+                        "runAsUser": UID,
+                        "runAsGroup": GID,
+                        "allowPrivilegeEscalation": False,
+                        "readOnlyRootFilesystem": True,
+                        "capabilities": {"drop": ["ALL"]},
+                    },
+                    "volumeMounts": [
+                        {"name": "data", "mountPath": data, "readOnly": True},
+                        {"name": "report", "mountPath": report},
+                    ],
+                }
+            ],
+            "volumes": [
+                {"name": "data", "hostPath": {"path": "/srv/data", "type": data_type}},
+                {"name": "report", "hostPath": {"path": "/srv/report", "type": "DirectoryOrCreate"}},
+            ],
+        },
+    }
+
+
+def prepare_volumes(node: Node) -> Path:
+    """/srv/data with a file the pod must see, /srv/report writable by the pod's user; returns the report."""
+    node.path("/srv/data").mkdir(parents=True)
+    node.path("/srv/data/hello.txt").write_text("from the node root\n")
+    node.path("/srv/report").mkdir(parents=True)
+    os.chown(node.path("/srv/report"), UID, GID)
+    return node.path("/srv/report/report.txt")
+
+
+def read_report(report: Path, node: Node, greeting: str) -> dict[str, str]:
+    def ready() -> dict[str, str] | None:
+        if not report.exists():
+            return None
+        values = dict(line.split("=", 1) for line in report.read_text().splitlines())
+        return values if values.get("greeting", "").startswith(greeting) else None
+
+    found: dict[str, str] = wait_for(ready, 15, f"the pod's report ({greeting})\n{node.log('kleidi')}", 0.1)
+    return found
+
+
+def test_static_pod_runs_in_its_view_and_follows_its_manifest(node: Node) -> None:
+    report = prepare_volumes(node)
+    node.start(fake_kleidi(node))
+    node.write(pod_manifest(node))
+    seen = read_report(report, node, "hello")
+
+    # hostPath binds are visible at their mountPath, env and the security context apply.
+    assert seen["hello"] == "from the node root"
+    assert seen["greeting"] == "hello from cp-test"
+    assert seen["uid"] == str(UID) and seen["gid"] == str(GID) and seen["groups"] == str(GID)
+    assert seen["pwd"] == f"{node.host}/report"
+    assert seen["data-writable"] == "no", "a readOnly mount took a write"
+    assert seen["root-writable"] == "no", "readOnlyRootFilesystem let the pod write outside its volumes"
+    assert not node.path("/srv/data/probe").exists()
+    # ... and only there: on the real host the mount points are empty.
+    assert (node.host / "data").is_dir() and not any((node.host / "data").iterdir())
+    assert not any((node.host / "report").iterdir())
+    first = node.pod("kleidi")
+    assert first["state"] == "Running" and first["restarts"] == 0, first
+
+    # A changed manifest replaces the pod.
+    report.unlink()
+    node.write(pod_manifest(node, greeting="changed"))
+    assert read_report(report, node, "changed")["greeting"] == "changed from cp-test"
+    second = wait_for(lambda: node.pod("kleidi").get("pid"), 5, "the new pod's pid")
+    assert second != first["pid"]
+    assert not Path(f"/proc/{first['pid']}").exists(), "the old pod still runs"
+
+    # A removed manifest stops it.
+    (node.manifests / "kleidi.yaml").unlink()
+    wait_for(lambda: not node.status()["pods"], 10, f"the pod to stop\n{node.log('kleidi')}")
+    assert not Path(f"/proc/{second}").exists()
+
+    # stop takes the agent and the empty mount points it made on the host.
+    node.write(pod_manifest(node, greeting="again"))
+    read_report(report, node, "again")
+    third = node.pod("kleidi")["pid"]
+    result = json.loads(agent("stop", "--state-dir", str(node.state)).stdout)
+    assert not Path(f"/proc/{third}").exists()
+    assert not node.host.exists(), result
+    assert str(node.host) in result["removed_mount_points"]
+    assert node.path("/srv/data/hello.txt").exists(), "stop must not touch the node root's content"
+
+
+def test_missing_directory_volume_crashes_and_broken_manifests(node: Node) -> None:
+    report = node.path("/srv/report/report.txt")
+    node.path("/srv/report").mkdir(parents=True)
+    os.chown(node.path("/srv/report"), UID, GID)
+    node.start(fake_kleidi(node))
+    node.write(pod_manifest(node, data_type="Directory"))
+    (node.manifests / "notes.txt").write_text("not: [a pod\n")
+    (node.manifests / ".hidden.yaml").write_text("ignored: true\n")
+
+    # A Directory volume that does not exist: the pod is not started, and is retried with back-off.
+    pod = wait_for(lambda: node.pod("kleidi").get("state") == "CreateContainerError" and node.pod("kleidi"), 5, "error")
+    assert "hostPath type check failed: /srv/data" in pod["message"] and pod["pid"] is None
+    time.sleep(1.5)
+    assert not report.exists(), "the pod ran without its Directory volume"
+    errors = node.status()["manifest_errors"]
+    assert list(errors) == [str(node.manifests / "notes.txt")], errors  # dot files are skipped, others read
+
+    node.path("/srv/data").mkdir(parents=True)
+    node.path("/srv/data/hello.txt").write_text("late\n")
+    assert read_report(report, node, "hello")["hello"] == "late"
+
+    # A container that exits is restarted with back-off, counting restarts and keeping its exit code.
+    node.write(pod_manifest(node, greeting="crash", mode="crash"))
+    pod = wait_for(lambda: node.pod("kleidi").get("restarts", 0) >= 2 and node.pod("kleidi"), 10, "restarts")
+    assert pod["last_exit_code"] == 3 and pod["state"] in ("CrashLoopBackOff", "Running"), pod
+
+
+def test_exec_runs_a_command_in_the_pods_view(node: Node) -> None:
+    prepare_volumes(node)
+    manifest = node.write(pod_manifest(node))
+
+    def run(*command: str) -> subprocess.CompletedProcess[str]:
+        return agent("exec", "--node-root", str(node.root), "--manifest", str(manifest), "--", *command, check=False)
+
+    assert run("cat", f"{node.host}/data/hello.txt").stdout == "from the node root\n"
+    assert run("sh", "-c", 'echo "$(id -u):$GREETING"').stdout.strip() == f"{UID}:hello from {os.uname().nodename}"
+    assert run("sh", "-c", "exit 7").returncode == 7
+    assert not node.host.exists(), "exec left the mount points it made"
+
+
+# -- the kube-apiserver stand-in ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cluster PKI and one node's (address 127.0.0.1), made by the same script prepare uses."""
+    base = tmp_path_factory.mktemp("pki")
+    subprocess.run(
+        [sys.executable, str(PKI), "cluster", "--dir", str(base / "cluster")], check=True, capture_output=True
+    )
+    node_args = ["--cluster-dir", str(base / "cluster"), "--node-root", str(base / "node"), "--node-name", "cp-test"]
+    node_args += ["--address", "127.0.0.1"]
+    subprocess.run([sys.executable, str(PKI), "node", *node_args], check=True, capture_output=True)
+    return base
+
+
+def simnode_pki() -> Any:
+    """molecule/default/simnode/pki.py as a module (it is a script, not part of a package)."""
+    spec = importlib.util.spec_from_file_location("simnode_pki", PKI)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def encryption_config(*providers: dict[str, Any]) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "apiserver.config.k8s.io/v1",
+            "kind": "EncryptionConfiguration",
+            "resources": [{"resources": ["secrets"], "providers": [*providers, {"identity": {}}]}],
+        }
+    )
+
+
+AESCBC = {"aescbc": {"keys": [{"name": "key1", "secret": "c2VjcmV0IGlzIHNlY3VyZSwgb3IgaXMgaXQ/IG5vdCA="}]}}
+
+
+def kms(name: str, endpoint: str, version: str | None = "v2") -> dict[str, Any]:
+    return {"kms": {"name": name, "endpoint": endpoint, **({"apiVersion": version} if version else {})}}
+
+
+BAD_CONFIGS = {
+    "missing": (None, "error opening encryption provider configuration file"),
+    "wrong-kind": ("apiVersion: v1\nkind: ConfigMap\n", "no kind 'ConfigMap' is registered"),
+    "short-key": (
+        encryption_config({"aescbc": {"keys": [{"name": "k", "secret": "dG9vIHNob3J0"}]}}),
+        "secret is not of the expected length, got 9",
+    ),
+    "tcp-endpoint": (encryption_config(kms("k", "tcp://127.0.0.1:1")), "only unix is supported"),
+    "kms-v1": (encryption_config(kms("k", "unix:///x.sock", None)), "Set --feature-gates=KMSv1=true"),
+    "duplicate-name": (
+        encryption_config(kms("k", "unix:///a"), kms("k", "unix:///b")),
+        "duplicate KMS provider name k",
+    ),
+    "two-in-one": (encryption_config({"aescbc": {"keys": []}, "identity": {}}), "more than one provider specified"),
+}
+
+
+@pytest.mark.parametrize(("config", "message"), BAD_CONFIGS.values(), ids=BAD_CONFIGS.keys())
+def test_standin_refuses_a_bad_encryption_config(pki: Path, tmp_path: Path, config: str | None, message: str) -> None:
+    path = tmp_path / "config.yaml"
+    if config is not None:
+        path.write_text(config)
+    pki_dir = pki / "node/etc/kubernetes/pki"
+    done = subprocess.run(
+        [sys.executable, str(STANDIN), "--advertise-address=127.0.0.1", f"--secure-port={free_port()}",
+         "--etcd-servers=https://127.0.0.1:2379", f"--tls-cert-file={pki_dir}/apiserver.crt",
+         f"--tls-private-key-file={pki_dir}/apiserver.key", f"--client-ca-file={pki_dir}/ca.crt",
+         f"--encryption-provider-config={path}"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert message in done.stderr, done.stderr
+    assert "c2VjcmV0" not in done.stderr
+
+
+def https(port: int, path: str, pki: Path, cert: str | None = None, key_dir: Path | None = None) -> tuple[int, str]:
+    context = ssl.create_default_context(cafile=str(pki / "cluster/ca.crt"))
+    if cert:
+        pki_dir = key_dir or pki / "node/etc/kubernetes/pki"
+        context.load_cert_chain(str(pki_dir / f"{cert}.crt"), str(pki_dir / f"{cert}.key"))
+    try:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}{path}", context=context, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def apiserver_manifest(port: int, socket_host_dir: str | None, socket_mount: str) -> dict[str, Any]:
+    mounts = [
+        {"name": "k8s-certs", "mountPath": "/etc/kubernetes/pki", "readOnly": True},
+        {"name": "encryption", "mountPath": "/etc/kubernetes/encryption", "readOnly": True},
+    ]
+    volumes = [
+        {"name": "k8s-certs", "hostPath": {"path": "/etc/kubernetes/pki", "type": "DirectoryOrCreate"}},
+        {"name": "encryption", "hostPath": {"path": "/etc/kubernetes/encryption", "type": "DirectoryOrCreate"}},
+    ]
+    if socket_host_dir:
+        mounts.append({"name": "kms-socket", "mountPath": socket_mount})
+        volumes.append({"name": "kms-socket", "hostPath": {"path": socket_host_dir, "type": "DirectoryOrCreate"}})
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "kube-apiserver", "namespace": "kube-system"},
+        "spec": {
+            "hostNetwork": True,
+            "containers": [
+                {
+                    "name": "kube-apiserver",
+                    "image": "registry.k8s.io/kube-apiserver:v1.31.4",
+                    "command": [
+                        "kube-apiserver",
+                        "--advertise-address=127.0.0.1",
+                        f"--secure-port={port}",
+                        "--client-ca-file=/etc/kubernetes/pki/ca.crt",
+                        "--tls-cert-file=/etc/kubernetes/pki/apiserver.crt",
+                        "--tls-private-key-file=/etc/kubernetes/pki/apiserver.key",
+                        "--etcd-servers=https://127.0.0.1:2379",
+                        "--encryption-provider-config=/etc/kubernetes/encryption/config.yaml",
+                        "--encryption-provider-config-automatic-reload=true",
+                    ],
+                    "volumeMounts": mounts,
+                }
+            ],
+            "volumes": volumes,
+        },
+    }
+
+
+def test_standin_checks_the_plugin_through_the_manifests_mounts(node: Node, pki: Path, tmp_path: Path) -> None:
+    shutil.copytree(pki / "node/etc/kubernetes", node.path("/etc/kubernetes"), dirs_exist_ok=True)
+    socket_mount = f"{node.host}/kleidi"  # where the apiserver pod sees the plugin's socket directory
+    node.path("/etc/kubernetes/encryption").mkdir()
+    config = node.path("/etc/kubernetes/encryption/config.yaml")
+    kleidi_kms = kms("kleidi", f"unix://{socket_mount}/kleidi.sock")
+    kleidi_kms["kms"]["timeout"] = "2s"
+    config.write_text(encryption_config(kleidi_kms, AESCBC))
+    port = free_port()
+    node.start(f"kube-apiserver={sys.executable} {STANDIN}")
+
+    hsm = SoftHsm(tmp_path / "hsm")
+    hsm.keygen("kek-1")
+    plugin_dir = node.path("/var/lib/kleidi-test")  # the plugin's socket lands in <plugin_dir>/run
+    with KleidiProcess(plugin_dir, pkcs11_config(hsm), env=hsm.env) as plugin:
+
+        def readyz() -> tuple[int, str]:
+            try:
+                return https(port, "/readyz?verbose", pki)
+            except OSError:
+                return 0, ""
+
+        # The plugin is down: the stand-in starts anyway and is not ready.
+        node.write(apiserver_manifest(port, "/var/lib/kleidi-test/run", socket_mount))
+        code, body = wait_for(
+            lambda: readyz()[0] and readyz(), 15, f"the stand-in to answer\n{node.log('kube-apiserver')}"
+        )
+        assert code == 500 and "[-]kms-providers failed: reason withheld" in body, body
+
+        # Up: ready within the 3 s negative cache, through the manifest's socket mount.
+        plugin.start()
+        code, body = wait_for(lambda: readyz()[0] == 200 and readyz(), 10, f"ready\n{node.log('kube-apiserver')}")
+        assert "[+]kms-providers ok" in body and "readyz check passed" in body
+        assert https(port, "/livez", pki) == (200, "ok")
+
+        # The individual check wants a cluster admin's client certificate.
+        code, body = https(port, "/healthz/kms-providers", pki)
+        assert code == 403 and 'User \\"system:anonymous\\" cannot get path' in body, body
+        assert https(port, "/healthz/kms-providers", pki, cert="apiserver-kubelet-client") == (200, "ok")
+        viewer = tmp_path / "viewer"
+        simnode_pki().Pki().leaf(viewer, "jane", pki / "cluster", "ca", "jane", ("developers",))
+        code, body = https(port, "/healthz/kms-providers", pki, cert="jane", key_dir=viewer)
+        assert code == 403 and 'User \\"jane\\"' in body, body  # known, but not a cluster admin
+        stranger = tmp_path / "stranger"
+        subprocess.run([sys.executable, str(PKI), "cluster", "--dir", str(stranger)], check=True, capture_output=True)
+        with pytest.raises(OSError):  # a certificate of another CA fails the TLS handshake
+            https(port, "/healthz/kms-providers", pki, cert="ca", key_dir=stranger)
+
+        # Automatic reload: an invalid file is refused, the running config stays and a failure is counted.
+        config.write_text("apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources: []\n")
+        failures = 'automatic_reloads_total{status="failure"} 1'
+        wait_for(
+            lambda: failures in https(port, "/metrics", pki, cert="apiserver-kubelet-client")[1], 10, "a reload failure"
+        )
+        assert readyz()[0] == 200
+
+        # The same plugin, but the manifest no longer mounts its socket directory: not ready.
+        config.write_text(encryption_config(kleidi_kms, AESCBC))
+        node.write(apiserver_manifest(port, None, socket_mount))
+        code, body = wait_for(lambda: readyz()[0] == 500 and readyz(), 15, f"not ready\n{node.log('kube-apiserver')}")
+        code, detail = https(port, "/readyz/kms-providers", pki, cert="apiserver-kubelet-client")
+        assert code == 500 and "kleidi.sock" in detail, detail
+        assert node.pod("kube-apiserver")["restarts"] == 0
