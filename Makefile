@@ -2,10 +2,10 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 DEB_PACKAGES := softhsm2 opensc swtpm swtpm-tools tpm2-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools \
-	tpm2-abrmd libtss2-tcti-tabrmd0 dbus procps
+	tpm2-abrmd libtss2-tcti-tabrmd0 dbus procps python3-venv python3-yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: deps deps-system deps-python demo test lint typecheck unit bench regenerate-api
+.PHONY: deps deps-system deps-python demo test lint typecheck unit molecule bench regenerate-api
 
 deps: deps-system deps-python
 
@@ -26,8 +26,9 @@ demo: deps
 	$(PYTHON) -m scripts.demo
 
 lint:
-	$(PYTHON) -m ruff check kleidi tests bench scripts molecule
-	$(PYTHON) -m ruff format --check kleidi tests bench scripts molecule
+	$(PYTHON) -m ruff check kleidi tests bench scripts molecule roles
+	$(PYTHON) -m ruff format --check kleidi tests bench scripts molecule roles
+	$(PYTHON) -m ansiblelint --profile production -q
 
 typecheck:
 	$(PYTHON) -m mypy
@@ -35,6 +36,11 @@ typecheck:
 
 test: deps lint typecheck
 	$(PYTHON) -m pytest -q
+	$(MAKE) --no-print-directory molecule
+
+# Three simulated kubeadm control-plane nodes on this machine (molecule/default/simnode/README.md).
+molecule:
+	PATH="$$(dirname "$$($(PYTHON) -c 'import sys; print(sys.executable)')"):$$PATH" $(PYTHON) -m molecule test -s default
 
 # The Go client measures kleidi the way the apiserver's grpc-go client sees it (built offline from Debian's packages).
 bench: deps
