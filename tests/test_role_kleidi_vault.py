@@ -1,11 +1,11 @@
-"""The vault_transit role, run by ansible-playbook against a real OpenBao, on two simulated nodes (local hosts with a
+"""The kleidi_vault role, run by ansible-playbook against a real OpenBao, on two simulated nodes (local hosts with a
 node root each). For token, approle and cert auth: the role sets up the mount, key, policy and login; a real
-`kleidi serve` per node, configured from the kleidi_backend fact, is healthy, both report one key_id and a ciphertext
-from one node decrypts on the other; the node's credential can do nothing beyond the policy; a second run changes
-nothing; check mode on a fresh setup writes nothing; no secret reaches the `-v` output. The admin token is not root:
-it carries the admin policy docs/vault.md gives.
+`kleidi serve` per node, configured from the kleidi_vault_backend fact, is healthy, both report one key_id and a
+ciphertext from one node decrypts on the other; the node's credential can do nothing beyond the policy; a second run
+changes nothing; check mode on a fresh setup writes nothing; no secret reaches the `-v` output. The admin token is not
+root: it carries the admin policy docs/vault.md gives. kubernetes auth is refused for a static pod and works otherwise.
 
-Each ansible-playbook run costs 10-25 s here (every module run is a Python start), so the scenarios run side by
+Each ansible-playbook run costs 10-25 s of CPU here (every module run starts a Python), so the scenarios run side by
 side in threads, started by one module fixture; each test waits for its own and re-raises what failed in it."""
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from tests.ansible_run import PlayResult, local_inventory, run_playbook
 from tests.backends.openbao import JwtIssuer, OpenBao, TestCA, TokenReviewServer, shared_dev_server
 from tests.plugin import KleidiProcess
 
-PLAYBOOK = "tests/playbooks/vault_transit.yml"
+PLAYBOOK = "tests/playbooks/kleidi_vault.yml"
 HOSTS = ("cp-1", "cp-2")
 UID = GID = 10001  # kleidi_common's kleidi_user / kleidi_group
 
@@ -146,7 +146,7 @@ class Setup:
             **self.extra,
             **overrides,
         }
-        # json results so the test can read the kleidi_backend fact the playbook shows
+        # json results so the test can read the facts the playbook shows
         env = {"ANSIBLE_CALLBACK_RESULT_FORMAT": "json"}
         result = run_playbook(PLAYBOOK, inventory, "-v", *args, extra_vars=extra, env=env, timeout=300)
         self.outputs.append(result.output)
@@ -175,7 +175,8 @@ def new_setup(server: OpenBao, method: str, root: Path) -> Setup:
 
 
 def backend_facts(output: str) -> dict[str, dict[str, Any]]:
-    """The kleidi_backend fact per host, from the playbook's last task (`ok: [host] => {"kleidi_backend": ...}`)."""
+    """The kleidi_vault_backend fact per host, from the playbook's last task (`ok: [host] => {"msg": {...}}`); the
+    kleidi_backend fact (the contract's first name for it) must be the same."""
     facts: dict[str, dict[str, Any]] = {}
     decoder = json.JSONDecoder()
     for match in re.finditer(r"^ok: \[(\S+)\] => ", output, re.MULTILINE):
@@ -183,9 +184,11 @@ def backend_facts(output: str) -> dict[str, dict[str, Any]]:
             value, _ = decoder.raw_decode(output, match.end())
         except json.JSONDecodeError:
             continue
-        if isinstance(value, dict) and "kleidi_backend" in value:
-            facts[match.group(1)] = value["kleidi_backend"]
-    assert set(facts) == set(HOSTS), f"no kleidi_backend fact for every host in:\n{output[-3000:]}"
+        shown = value.get("msg") if isinstance(value, dict) else None
+        if isinstance(shown, dict) and "kleidi_vault_backend" in shown:
+            assert shown["kleidi_backend"] == shown["kleidi_vault_backend"]
+            facts[match.group(1)] = shown["kleidi_vault_backend"]
+    assert set(facts) == set(HOSTS), f"no kleidi_vault_backend fact for every host in:\n{output[-3000:]}"
     return facts
 
 
