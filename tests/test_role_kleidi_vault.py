@@ -366,15 +366,16 @@ def approle_scenario(server: OpenBao, root: Path) -> None:
 
 
 def token_scenario(server: OpenBao, root: Path) -> None:
-    """cp-1 gets a token the role creates; cp-2 one the operator supplies (kleidi_vault_token as a host var)."""
+    """cp-1 gets a token the operator supplies (kleidi_vault_token as a host var; cp-1 is also where the steps run once
+    for all nodes go), cp-2 one the role creates."""
     s = new_setup(server, "token", root)
     supplied = server.token([s.names.policy], period="24h", no_default_policy=True)
-    s.host_vars["cp-2"] = {"kleidi_vault_token": supplied}
+    s.host_vars["cp-1"] = {"kleidi_vault_token": supplied}
     s.play().assert_ok()
     check_vault_objects(s)
     check_node_files(s, {"vault-token"})
-    created = s.files("cp-1")["vault-token"]
-    assert s.files("cp-2")["vault-token"] == supplied
+    assert s.files("cp-1")["vault-token"] == supplied
+    created = s.files("cp-2")["vault-token"]
     looked_up = server.client().auth.token.lookup(created)["data"]
     assert looked_up["policies"] == [s.names.policy] and looked_up["orphan"] is True
     assert looked_up["renewable"] is True and looked_up["explicit_max_ttl"] == 0
