@@ -45,12 +45,13 @@ class CmdlineWatch(threading.Thread):
 
     def run(self) -> None:
         own = str(os.getpid())
-        while not self._done.is_set():
-            for entry in os.scandir("/proc"):
-                if not entry.name.isdigit() or entry.name == own:
+        while not self._done.is_set():  # one pass costs about 3 ms of CPU here
+            for name in os.listdir("/proc"):
+                if not name.isdigit() or name == own:
                     continue
                 try:
-                    raw = Path(entry.path, "cmdline").read_bytes()
+                    with open(f"/proc/{name}/cmdline", "rb") as handle:
+                        raw = handle.read()
                 except OSError:
                     continue
                 self._check(raw.rstrip(b"\0").split(b"\0"))
