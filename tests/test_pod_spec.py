@@ -66,7 +66,7 @@ def test_the_vault_example_in_the_values_is_a_valid_vault_config() -> None:
 
 
 def test_the_plugin_user_is_the_same_in_the_values_and_the_ansible_roles() -> None:
-    common = yaml.safe_load((REPO / "roles" / "kleidi_common" / "defaults" / "main.yml").read_text())
+    common = yaml.safe_load((REPO / "roles" / "kleidi" / "defaults" / "main.yml").read_text())
     security = load_values()["securityContext"]
     assert (security["runAsUser"], security["runAsGroup"]) == (common["kleidi_user"], common["kleidi_group"])
 

@@ -112,11 +112,10 @@ class Node:
         return result
 
     def fact(self) -> dict[str, Any]:
-        """The kleidi_backend fact the role set (checked equal to kleidi_tpm2_backend, which playbooks/site.yml
-        hands to kleidi_plugin)."""
-        [(host, contract, by_role)] = json.loads((self.base / "facts.json").read_text())
-        assert host == "cp-1" and contract == by_role
-        return dict(contract)
+        """The kleidi_tpm2_backend fact the role set, which playbooks/site.yml hands to kleidi_plugin."""
+        [(host, fact)] = json.loads((self.base / "facts.json").read_text())
+        assert host == "cp-1"
+        return dict(fact)
 
     def plugin(self) -> KleidiProcess:
         """A real `kleidi serve` for the node: the fact's settings and env with the node root added to paths."""
