@@ -34,8 +34,6 @@ STANDIN = SIMNODE / "apiserver_standin.py"
 PKI = SIMNODE / "pki.py"
 UID, GID = 10001, 10002
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces and setpriv need root")
-
 
 def agent(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     done = subprocess.run([sys.executable, str(AGENT), *args], capture_output=True, text=True, timeout=90, check=False)

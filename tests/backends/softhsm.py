@@ -46,7 +46,8 @@ class SoftHsm:
         """Generate a secret key on the token; ``key_type`` is pkcs11-tool's (AES:32, GENERIC:32)."""
         key_id = f"{self._next_id:02x}"
         self._next_id += 1
-        self._tool("--keygen", "--key-type", key_type, "--label", label, "--id", key_id)
+        # --private: SoftHSM2 encrypts a private object's value under the PIN; a public key is stored in clear.
+        self._tool("--keygen", "--key-type", key_type, "--label", label, "--id", key_id, "--private", "--sensitive")
 
     def delete_key(self, label: str) -> None:
         self._tool("--delete-object", "--type", "secrkey", "--label", label)
