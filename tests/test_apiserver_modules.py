@@ -58,11 +58,32 @@ def test_a_shared_entry_is_split_so_other_resources_keep_exactly_their_providers
     ]
 
 
-def test_a_resource_never_configured_goes_ahead_of_a_wildcard() -> None:
+def test_a_resource_under_a_wildcard_keeps_the_wildcards_providers_after_kms() -> None:
     existing = config({"resources": ["*.*"], "providers": [AESCBC]})
     merged = enc.merge(existing, ["secrets"], KMS)
-    assert merged["resources"][0]["resources"] == ["secrets"]
-    assert merged["resources"][1] == {"resources": ["*.*"], "providers": [AESCBC]}
+    assert merged["resources"] == [
+        {"resources": ["secrets"], "providers": [{"kms": KMS}, AESCBC]},
+        {"resources": ["*.*"], "providers": [AESCBC]},
+    ]
+
+
+def test_core_and_group_wildcards_apply_only_to_their_group() -> None:
+    existing = config(
+        {"resources": ["*."], "providers": [AESCBC, {"identity": {}}]},
+        {"resources": ["*.apps"], "providers": [{"identity": {}}]},
+    )
+    merged = enc.merge(existing, ["secrets", "deployments.apps", "widgets.example.com"], KMS)
+    assert merged["resources"][:3] == [
+        {"resources": ["secrets"], "providers": [{"kms": KMS}, AESCBC, {"identity": {}}]},
+        {"resources": ["deployments.apps", "widgets.example.com"], "providers": [{"kms": KMS}, {"identity": {}}]},
+        {"resources": ["*."], "providers": [AESCBC, {"identity": {}}]},
+    ]
+
+
+def test_a_resource_never_configured_goes_ahead_of_every_entry() -> None:
+    existing = config({"resources": ["configmaps"], "providers": [AESCBC]})
+    merged = enc.merge(existing, ["secrets"], KMS)
+    assert merged["resources"][0] == {"resources": ["secrets"], "providers": [{"kms": KMS}, {"identity": {}}]}
 
 
 def test_the_returned_configuration_never_shows_a_key() -> None:

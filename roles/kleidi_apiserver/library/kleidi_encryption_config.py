@@ -9,8 +9,9 @@ short_description: Put kleidi's kms v2 provider first in an apiserver Encryption
 description:
   - Reads the configuration at O(path), or the one at O(existing) when O(path) does not exist yet (RKE2 keeps its
     own elsewhere), and writes one where the kms v2 provider comes first for each of O(resources). Every provider
-    already there is kept after it, with its keys, so data it wrote stays readable. C(identity) goes last only
-    where plaintext may exist (the resource had no configuration, or already listed identity).
+    already there is kept after it, with its keys, so data it wrote stays readable; a resource covered only by a
+    wildcard entry gets that entry's providers after kms. C(identity) goes last only where plaintext may exist
+    (the resource had no configuration, or its configuration already listed identity).
   - A changed file is first copied to O(backup_dir)/<stamp>/<its path>.
 options:
   path: {description: Host path of the configuration to write., type: path, required: true}
@@ -42,14 +43,25 @@ def _load(path):
     return data
 
 
+def _covers(pattern, resource):
+    """Whether an EncryptionConfiguration resource name (secrets, *.apps, *.*) applies to ``resource``."""
+    if pattern in (resource, "*.*"):
+        return True
+    group = resource.partition(".")[2]  # "" for core resources such as secrets
+    return pattern == f"*.{group}"
+
+
 def merge(existing, resources, kms):
     """The configuration with ``kms`` first for every resource in ``resources``; existing providers follow.
 
     An entry that lists some of those resources with others is split, so the others keep exactly their providers.
-    A resource never configured before gets an entry at the top, ahead of any wildcard entry."""
+    A resource configured only through a wildcard (*.*, *.<group>) gets an entry of its own ahead of it, with the
+    wildcard's providers after kms, since they are what wrote its stored data. A resource never configured gets
+    kms and identity at the top."""
     config = {"apiVersion": API_VERSION, "kind": KIND, "resources": []}
+    entries = (existing or {}).get("resources") or []
     wanted = list(resources)
-    for entry in (existing or {}).get("resources") or []:
+    for entry in entries:
         names = list(entry.get("resources") or [])
         ours = [name for name in names if name in wanted]
         providers = [p for p in entry.get("providers") or [] if (p.get("kms") or {}).get("name") != kms["name"]]
@@ -62,9 +74,29 @@ def merge(existing, resources, kms):
         rest = [name for name in names if name not in ours]
         if rest:  # untouched, kleidi's own provider included: data it wrote for them must stay readable
             config["resources"].append({**entry, "resources": rest})
-    if wanted:  # never encrypted before: what etcd holds for them is plaintext, readable through identity
-        config["resources"].insert(0, {"resources": wanted, "providers": _with_kms([], kms, plaintext_possible=True)})
+    top = []
+    for name in wanted:
+        wildcard = next((e for e in entries if any(_covers(p, name) for p in e.get("resources") or [])), None)
+        if wildcard is None:  # never encrypted: what etcd holds for it is plaintext, readable through identity
+            top.append({"resources": [name], "providers": _with_kms([], kms, plaintext_possible=True)})
+            continue
+        providers = [p for p in wildcard.get("providers") or [] if (p.get("kms") or {}).get("name") != kms["name"]]
+        plaintext_possible = any("identity" in p for p in providers)
+        top.append({"resources": [name], "providers": _with_kms(providers, kms, plaintext_possible)})
+    config["resources"][:0] = _grouped(top)
     return config
+
+
+def _grouped(entries):
+    """Resources that get the same providers share one entry, as an operator would write them."""
+    grouped = []
+    for entry in entries:
+        same = next((g for g in grouped if g["providers"] == entry["providers"]), None)
+        if same is None:
+            grouped.append({"resources": list(entry["resources"]), "providers": entry["providers"]})
+        else:
+            same["resources"].extend(entry["resources"])
+    return grouped
 
 
 def _with_kms(providers, kms, plaintext_possible):
