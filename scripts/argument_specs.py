@@ -1,5 +1,6 @@
-"""Writes roles/kleidi_plugin/meta/argument_specs.yml: the role's own variables, and under `kleidi_values.config` every
-plugin setting generated from kleidi's config model (names, types, choices) with the Helm values' descriptions.
+"""Writes roles/kleidi_plugin/meta/argument_specs.yml: the role's own variables, and under
+`kleidi_plugin_values.config` every plugin setting generated from kleidi's config model (names, types, choices)
+with the Helm values' descriptions.
 
 Run `python -m scripts.argument_specs` after changing kleidi/config.py or helm/kleidi/values.yaml;
 tests/test_pod_spec.py fails while the committed file differs from what this writes."""

@@ -55,6 +55,7 @@ ADMIN_GROUPS = frozenset({"system:masters", "kubeadm:cluster-admins"})
 HEALTH_ENDPOINTS = ("healthz", "livez", "readyz")
 RELOAD_POLL = 1.0
 RELOAD_CONTROLLER = "encryption-provider-config-automatic-reload-controller"
+PROCESS_START = time.time()
 NEW_CONFIG_HEALTH_WAIT = 10.0  # validateNewTransformersHealth polls a new config's providers this long
 _TRUE = {"1", "t", "T", "true", "TRUE", "True"}
 _FALSE = {"0", "f", "F", "false", "FALSE", "False"}
@@ -244,6 +245,12 @@ class StandIn:
             f"# TYPE {last} gauge",
         ]
         lines += [f'{last}{{status="{status}"}} {stamp:.3f}' for status, stamp in sorted(self.metrics.last.items())]
+        # The Go process collector's gauge: how a client tells that the apiserver restarted after a change.
+        lines += [
+            "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.",
+            "# TYPE process_start_time_seconds gauge",
+            f"process_start_time_seconds {PROCESS_START:.3f}",
+        ]
         return "\n".join(lines) + "\n"
 
 

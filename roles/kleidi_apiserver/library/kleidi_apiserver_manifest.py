@@ -164,6 +164,8 @@ def main():
         "changed": False,
         "kubernetes_version": kubernetes_version(container),
         "flags": flag_values(container, list(params["flags"])),
+        "written": [],
+        "manifest_changed": False,
     }
     if params["state"] == "inspect":
         module.exit_json(**result)
@@ -183,13 +185,13 @@ def main():
             writes.append((params["patch_path"], patch, old or ""))
     result["changed"] = bool(writes)
     result["diff"] = [{"before_header": p, "after_header": p, "before": b, "after": a} for p, a, b in writes]
-    result["backups"] = []
+    result["written"] = []
     if not module.check_mode:
         for target, text, _old in writes:
             saved = backup_file(module, target, params["backup_dir"], params["stamp"], params["root"])
-            if saved:
-                result["backups"].append(saved)
             write_file(module, target, text, mode=0o600)
+            result["written"].append({"path": target, "backup": saved})
+    result["manifest_changed"] = bool(writes) and writes[0][0] == path
     module.exit_json(**result)
 
 

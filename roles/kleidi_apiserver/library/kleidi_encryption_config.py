@@ -131,6 +131,7 @@ def main():
     wanted = merge(current, params["resources"], kms)
     on_disk = _load(params["path"]) if os.path.exists(params["path"]) else None
     result = {"changed": on_disk != wanted, "path": params["path"], "started_from": source, "config": wanted}
+    result["written"] = []
     if result["changed"]:
         text = yaml.safe_dump(wanted, sort_keys=False)
         result["diff"] = {
@@ -144,6 +145,7 @@ def main():
                 module, params["path"], params["backup_dir"], params["stamp"], params["root"]
             )
             write_file(module, params["path"], text, mode=0o600)
+            result["written"] = [{"path": params["path"], "backup": result["backup"]}]
     # The configuration holds the keys of the providers kept (aescbc, secretbox): never return it in clear.
     result["config"] = _redacted(wanted)
     if "diff" in result:

@@ -43,10 +43,11 @@ def image_ref(values: dict[str, Any], default_tag: str) -> str:
     return f"{ref}@{image['digest']}" if image.get("digest") else ref
 
 
-def _probe(path: str, endpoint: tuple[str, int], timing: dict[str, Any]) -> dict[str, Any]:
+def _probe(path: str, endpoint: tuple[str, int], timing: dict[str, Any], host_network: bool) -> dict[str, Any]:
     host, port = endpoint
     get: dict[str, Any] = {"path": path, "port": port, "scheme": "HTTP"}
-    if host and host not in ("0.0.0.0", "::"):  # noqa: S104 - a wildcard listener answers on the node address
+    # Only with hostNetwork is the listener's address the node's; a wildcard one answers on the node address.
+    if host_network and host and host not in ("0.0.0.0", "::"):  # noqa: S104
         get["host"] = host
     return {"httpGet": get, **timing}
 
@@ -76,8 +77,9 @@ def container(values: dict[str, Any], default_tag: str) -> dict[str, Any]:
         del spec["env"]
     endpoint = probe_endpoint(values)
     if endpoint is not None:
-        spec["livenessProbe"] = _probe("/livez", endpoint, values["probes"]["liveness"])
-        spec["readinessProbe"] = _probe("/readyz", endpoint, values["probes"]["readiness"])
+        host_network = bool(values["hostNetwork"])
+        spec["livenessProbe"] = _probe("/livez", endpoint, values["probes"]["liveness"], host_network)
+        spec["readinessProbe"] = _probe("/readyz", endpoint, values["probes"]["readiness"], host_network)
     return spec
 
 
