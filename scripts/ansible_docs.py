@@ -5,6 +5,7 @@ committed page differs from what this writes."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ def _default(option: dict[str, Any]) -> str:
     if "default" not in option:
         return ""
     value = option["default"]
-    shown = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+    shown = value if isinstance(value, str) else json.dumps(value)
     return f"`{_cell(shown)}`" if shown != "" else '`""`'
 
 
