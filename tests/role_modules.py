@@ -22,9 +22,9 @@ def load(path: Path, name: str) -> ModuleType:
 
 
 def apiserver_module(name: str) -> ModuleType:
-    """A module of the kleidi_apiserver role, with the role's module_utils where Ansible would put them."""
+    """A module of the kleidi_apiserver role, with the kleidi role's module_utils where Ansible would put them."""
     role = ROLES / "kleidi_apiserver"
-    load(role / "module_utils" / "kleidi_files.py", "ansible.module_utils.kleidi_files")
+    load(ROLES / "kleidi" / "module_utils" / "kleidi_files.py", "ansible.module_utils.kleidi_files")
     return load(role / "library" / f"{name}.py", f"kleidi_role_{name}")
 
 

@@ -1,4 +1,4 @@
-"""File writes for the kleidi_apiserver modules: a timestamped backup first, then an atomic replace."""
+"""File writes for every kleidi role: a timestamped backup first, then an atomic replace."""
 
 from __future__ import annotations
 
