@@ -179,8 +179,9 @@ def test_the_fact_names_node_paths_only(node: Node) -> None:
             "TPM2_PKCS11_STORE": "/var/lib/kleidi/tpm2",
             "TPM2_PKCS11_TCTI": TCTI,
         },
-        # A session bus has no fixed socket to mount, and there is no device: only the store.
+        # A session bus has no fixed socket to mount, and there is no device: only the store, no device group.
         "volumes": [{"name": "tpm2-store", "path": "/var/lib/kleidi/tpm2", "type": "Directory", "readOnly": False}],
+        "groups": [],
     }
 
 
