@@ -26,15 +26,7 @@ options:
 import os
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.kleidi_files import backup_file, write_file
-
-
-def _current(path):
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return None
+from ansible.module_utils.kleidi_files import backup_file, read_text, write_file
 
 
 def main():
@@ -54,7 +46,7 @@ def main():
     )
     params = module.params
     path, content = params["path"], params["content"]
-    old = _current(path)
+    old = read_text(path)
     result = {"changed": False, "path": path, "written": []}
     if old != content:
         result["changed"] = True

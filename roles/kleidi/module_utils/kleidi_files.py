@@ -34,3 +34,12 @@ def write_file(module, path, text, mode=0o600):
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
+
+
+def read_text(path):
+    """The file's text, or None when it does not exist yet."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None

@@ -34,7 +34,7 @@ import re
 
 import yaml
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.kleidi_files import backup_file, write_file
+from ansible.module_utils.kleidi_files import backup_file, read_text, write_file
 
 _VERSION = re.compile(r":v?(\d+)\.(\d+)(?:\.(\d+))?")
 
@@ -180,7 +180,7 @@ def main():
         writes.append((path, after, before))
     if params["patch_path"]:
         patch = yaml.safe_dump(kubeadm_patch(wanted, params["container"], params["flags"], params["mounts"], path))
-        old = _read_text(params["patch_path"])
+        old = read_text(params["patch_path"])
         if old != patch:
             writes.append((params["patch_path"], patch, old or ""))
     result["changed"] = bool(writes)
@@ -193,14 +193,6 @@ def main():
             result["written"].append({"path": target, "backup": saved})
     result["manifest_changed"] = bool(writes) and writes[0][0] == path
     module.exit_json(**result)
-
-
-def _read_text(path):
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        return None
 
 
 if __name__ == "__main__":
