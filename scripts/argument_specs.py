@@ -80,6 +80,7 @@ _VALUES_TYPES: dict[str, Any] = {
     "priorityClassName": "str",
     "resources": "dict",
     "securityContext": "dict",
+    "podSecurityContext": "dict",
     "probes": "dict",
 }
 

@@ -57,9 +57,10 @@ def test_values_pkcs11_defaults_are_the_models() -> None:
             assert getattr(parsed.pkcs11, name) == _model_default(kleidi_config.Pkcs11Config, name), name
 
 
-def test_the_vault_example_in_the_values_is_a_valid_vault_config() -> None:
+def test_the_vault_section_of_the_values_is_a_valid_vault_config_once_given_an_address() -> None:
     values = load_values()
     values["config"]["provider"] = "vault"
+    values["config"]["vault"]["address"] = "https://vault.example:8200"  # required; the values leave it empty
     rendered = pod.plugin_config(values)
     assert "pkcs11" not in rendered
     kleidi_config.validate(rendered)
@@ -79,13 +80,20 @@ def test_the_static_pod_container_is_made_from_the_values() -> None:
     spec = manifest["spec"]
     (container,) = spec["containers"]
     assert container["image"] == f"{values['image']['repository']}:0.1.0"
-    assert container["command"] == ["kleidi", "serve", "--config", "/etc/kleidi/kleidi.yaml"]
+    assert container["command"] == ["kleidi", "serve", "--config", "/etc/kleidi-config/kleidi.yaml"]
     assert container["env"] == [{"name": "SOFTHSM2_CONF", "value": "/etc/kleidi/softhsm2.conf"}]
     assert container["securityContext"] == values["securityContext"]
     assert container["resources"] == values["resources"]
     mounts = {m["mountPath"]: m.get("readOnly", False) for m in container["volumeMounts"]}
-    assert mounts == {"/etc/kleidi": True, "/run/kleidi": False, "/var/lib/kleidi/softhsm/tokens": False}
+    assert mounts == {
+        "/etc/kleidi-config": True,
+        "/etc/kleidi": True,
+        "/run/kleidi": False,
+        "/var/lib/kleidi/softhsm/tokens": False,
+    }
     paths = {v["name"]: (v["hostPath"]["path"], v["hostPath"]["type"]) for v in spec["volumes"]}
+    # The host's configDir holds kleidi.yaml (read at the config mount) and the credentials (at their own path).
+    assert paths["config"] == paths["credentials"] == ("/etc/kleidi", "Directory")
     assert paths["socket"] == ("/run/kleidi", "DirectoryOrCreate")
     assert paths["softhsm-tokens"] == ("/var/lib/kleidi/softhsm/tokens", "Directory")
     assert spec["hostNetwork"] is True and spec["priorityClassName"] == "system-node-critical"
@@ -98,6 +106,21 @@ def test_probes_name_the_loopback_host_the_plugin_listens_on() -> None:
     assert container["livenessProbe"]["httpGet"] == liveness
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["failureThreshold"] == load_values()["probes"]["liveness"]["failureThreshold"]
+
+
+def test_a_listener_without_a_host_is_probed_on_loopback_where_kleidi_listens() -> None:
+    values = load_values()
+    values["config"]["metrics_listen"] = ":9000"
+    (container,) = pod.static_pod(values, "0.1.0", "x")["spec"]["containers"]
+    assert container["livenessProbe"]["httpGet"]["host"] == "127.0.0.1"
+    assert kleidi_config.validate(pod.plugin_config(values)).metrics_address == ("127.0.0.1", 9000)
+
+
+def test_the_pod_security_context_reaches_the_static_pod_only_when_set() -> None:
+    values = load_values()
+    assert "securityContext" not in pod.static_pod(values, "0.1.0", "x")["spec"]
+    values["podSecurityContext"] = {"supplementalGroups": [113]}
+    assert pod.static_pod(values, "0.1.0", "x")["spec"]["securityContext"] == {"supplementalGroups": [113]}
 
 
 def test_a_wildcard_listener_is_probed_on_the_node_address() -> None:

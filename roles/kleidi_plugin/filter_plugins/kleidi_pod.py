@@ -9,6 +9,9 @@ from typing import Any
 
 POD_NAME = "kleidi"
 CONFIG_FILE = "kleidi.yaml"
+# kleidi.yaml's directory inside the container. The DaemonSet fills it from a ConfigMap and the static pod from the
+# host's configDir; the credential files stay at configDir, so neither mount has to nest inside the other.
+CONFIG_MOUNT = "/etc/kleidi-config"
 CHECKSUM_ANNOTATION = "kleidi.io/config-checksum"
 _PROVIDER_SECTIONS = ("pkcs11", "vault")
 
@@ -34,7 +37,7 @@ def probe_endpoint(values: dict[str, Any]) -> tuple[str, int] | None:
     if not listen:
         return None
     host, _, port = listen.rpartition(":")
-    return host.strip("[]"), int(port)
+    return host.strip("[]") or "127.0.0.1", int(port)  # kleidi listens on loopback when the host is empty
 
 
 def image_ref(values: dict[str, Any], default_tag: str) -> str:
@@ -54,9 +57,9 @@ def _probe(path: str, endpoint: tuple[str, int], timing: dict[str, Any], host_ne
 
 def container(values: dict[str, Any], default_tag: str) -> dict[str, Any]:
     """The plugin container: command, env, mounts, probes, resources and security context."""
-    config_dir = values["configDir"]
     mounts = [
-        {"name": "config", "mountPath": config_dir, "readOnly": True},
+        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        {"name": "credentials", "mountPath": values["configDir"], "readOnly": True},
         {"name": "socket", "mountPath": socket_dir(values)},
     ]
     mounts += [
@@ -67,7 +70,7 @@ def container(values: dict[str, Any], default_tag: str) -> dict[str, Any]:
         "name": POD_NAME,
         "image": image_ref(values, default_tag),
         "imagePullPolicy": values["image"]["pullPolicy"],
-        "command": ["kleidi", "serve", "--config", posixpath.join(config_dir, CONFIG_FILE)],
+        "command": ["kleidi", "serve", "--config", posixpath.join(CONFIG_MOUNT, CONFIG_FILE)],
         "env": [{"name": name, "value": str(value)} for name, value in sorted((values.get("env") or {}).items())],
         "volumeMounts": mounts,
         "resources": values["resources"],
@@ -84,10 +87,12 @@ def container(values: dict[str, Any], default_tag: str) -> dict[str, Any]:
 
 
 def volumes(values: dict[str, Any]) -> list[dict[str, Any]]:
-    """Host paths behind the container's mounts. The socket directory is never removed by anything kleidi ships:
-    a running apiserver keeps its bind mount of the directory it saw first."""
+    """Host paths behind the container's mounts: configDir holds both kleidi.yaml and the credentials here. The
+    socket directory is never removed by anything kleidi ships: a running apiserver keeps its bind mount of the
+    directory it saw first."""
     found = [
         {"name": "config", "hostPath": {"path": values["configDir"], "type": "Directory"}},
+        {"name": "credentials", "hostPath": {"path": values["configDir"], "type": "Directory"}},
         {"name": "socket", "hostPath": {"path": socket_dir(values), "type": "DirectoryOrCreate"}},
     ]
     found += [
@@ -111,6 +116,7 @@ def static_pod(values: dict[str, Any], default_tag: str, config_checksum: str) -
         "spec": {
             "hostNetwork": bool(values["hostNetwork"]),
             "priorityClassName": values["priorityClassName"],
+            **({"securityContext": values["podSecurityContext"]} if values.get("podSecurityContext") else {}),
             "containers": [container(values, default_tag)],
             "volumes": volumes(values),
         },
