@@ -3,6 +3,7 @@ and all of them use one KEK; otherwise the play stops and names each node's key_
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -76,3 +77,32 @@ def test_a_node_without_a_plugin_stops_the_play(tmp_path: Path, nodes: tuple[Pat
         result = gate(tmp_path, nodes)
     assert result.returncode != 0
     assert "kleidi on cp-2 did not pass `kleidi check`" in result.output
+
+
+EXCLUSIVE = REPO / "tests" / "playbooks" / "kleidi_plugin_exclusive.yml"
+
+
+def test_a_node_served_by_another_install_is_refused_before_anything_changes(
+    tmp_path: Path, nodes: tuple[Path, Path]
+) -> None:
+    hsm = SoftHsm(tmp_path / "hsm")
+    hsm.keygen("kek-1")
+    inventory = local_inventory(tmp_path / "hosts.yml", {nodes[0].name: {"kleidi_node_root": str(nodes[0])}})
+    with ExitStack() as stack:
+        serve(stack, nodes[0], hsm)  # as the Helm chart's DaemonSet would
+        refused = run_playbook(EXCLUSIVE, inventory)
+        assert refused.returncode != 0
+        assert "most likely the kleidi Helm chart's DaemonSet" in refused.output
+        # The same plugin, installed by this role (its static pod manifest is there), is this role's to manage.
+        manifests = nodes[0] / "etc" / "kubernetes" / "manifests"
+        manifests.mkdir(parents=True)
+        (manifests / "kleidi.yaml").write_text("{}")
+        run_playbook(EXCLUSIVE, inventory).assert_ok()
+    (manifests / "kleidi.yaml").unlink()
+    # A socket nobody serves any more (a plugin that was killed leaves it behind) is no obstacle.
+    stale = nodes[0] / "run" / "kleidi" / "kleidi.sock"
+    stale.unlink(missing_ok=True)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as left_behind:
+        left_behind.bind(str(stale))
+    assert stale.is_socket()
+    run_playbook(EXCLUSIVE, inventory).assert_ok()
