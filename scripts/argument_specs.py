@@ -8,14 +8,14 @@ tests/test_pod_spec.py fails while the committed file differs from what this wri
 from __future__ import annotations
 
 import sys
-import types
 import typing
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, BeforeValidator
+from pydantic import BaseModel
 
 from kleidi.config import Config
+from scripts.config_model import description, parsed, unwrap
 from scripts.values_doc import REPO, descriptions
 
 TARGET = REPO / "roles" / "kleidi_plugin" / "meta" / "argument_specs.yml"
@@ -85,33 +85,13 @@ _VALUES_TYPES: dict[str, Any] = {
 }
 
 
-def _unwrap(annotation: Any) -> tuple[Any, bool]:
-    """The type inside Optional/Annotated, and whether None was allowed."""
-    args = typing.get_args(annotation)
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        kinds = [arg for arg in args if arg is not type(None)]
-        if len(kinds) == 1:
-            return _unwrap(kinds[0])[0], True
-        return annotation, False
-    if typing.get_origin(annotation) is typing.Annotated:
-        return _unwrap(args[0])
-    return annotation, False
-
-
-def _parsed(metadata: list[Any]) -> bool:
-    """Settings kleidi parses from text itself (durations, octal modes) take any YAML scalar."""
-    return any(isinstance(meta, BeforeValidator) for meta in metadata)
-
-
-def _option(annotation: Any, path: str, docs: dict[str, str], parsed: bool = False) -> dict[str, Any]:
-    inner, _optional = (object, False) if parsed else _unwrap(annotation)
-    fallback = f"kleidi.yaml `{path.removeprefix('config.')}`; see README.md's configuration reference."
-    description = docs.get(path, fallback)
-    option: dict[str, Any] = {"description": description}
+def _option(annotation: Any, path: str, docs: dict[str, str], is_parsed: bool = False) -> dict[str, Any]:
+    inner, _optional = (object, False) if is_parsed else unwrap(annotation)
+    option: dict[str, Any] = {"description": description(path, docs)}
     if isinstance(inner, type) and issubclass(inner, BaseModel):
         option["type"] = "dict"
         option["options"] = {
-            name: _option(field.annotation, f"{path}.{name}", docs, _parsed(field.metadata))
+            name: _option(field.annotation, f"{path}.{name}", docs, parsed(field.metadata))
             for name, field in inner.model_fields.items()
         }
     elif typing.get_origin(inner) is typing.Literal:
