@@ -4,8 +4,10 @@ PYTHON ?= python3
 DEB_PACKAGES := softhsm2 opensc swtpm swtpm-tools tpm2-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools \
 	tpm2-abrmd libtss2-tcti-tabrmd0 dbus procps python3-venv python3-yaml
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+# The bin directory of $(PYTHON)'s environment (a venv's bin, or pyenv's versions/X/bin), where pip puts hadolint.
+PYTHON_BIN = $(shell dirname "$$($(PYTHON) -c 'import sys; print(sys.executable)')")
 
-.PHONY: deps deps-system deps-python demo test lint typecheck unit molecule bench regenerate-api
+.PHONY: deps deps-system deps-python tools demo test lint typecheck unit molecule bench regenerate-api
 
 deps: deps-system deps-python
 
@@ -22,19 +24,24 @@ deps-system:
 deps-python:
 	$(PYTHON) -m pip install -q -e '.[test]'
 
+# Helm and kubectl in .tools/bin for the chart's tests (quick and offline once they are there).
+tools:
+	$(PYTHON) -m scripts.tools
+
 demo: deps
 	$(PYTHON) -m scripts.demo
 
-lint:
+lint: tools
 	$(PYTHON) -m ruff check kleidi tests bench scripts molecule roles
 	$(PYTHON) -m ruff format --check kleidi tests bench scripts molecule roles
 	$(PYTHON) -m ansiblelint --profile production -q
+	"$(PYTHON_BIN)/hadolint" Containerfile
 
 typecheck:
 	$(PYTHON) -m mypy
 	$(PYTHON) -m mypy --strict --ignore-missing-imports --follow-imports=silent molecule/default/simnode/*.py
 
-test: deps lint typecheck
+test: deps tools lint typecheck
 	$(PYTHON) -m pytest -q
 	$(MAKE) --no-print-directory molecule
 
