@@ -115,7 +115,11 @@ def _values_with(changes: dict[str, Any]) -> dict[str, Any]:
     return values
 
 
-VAULT = {"config.provider": "vault", "config.vault.address": "https://vault.example:8200"}
+VAULT = {
+    "config.provider": "vault",
+    "config.vault.address": "https://vault.example:8200",
+    "config.vault.auth.token_file": "/etc/kleidi/vault-token",
+}
 CBC = {"config.pkcs11.mechanism": "aes-cbc-hmac"}
 
 # (what changes in values.yaml, whether kleidi accepts the result)
@@ -123,6 +127,7 @@ CASES: list[tuple[dict[str, Any], bool]] = [
     ({}, True),
     ({"config.provider": "remote"}, False),
     ({"config.provider": "vault"}, False),  # values.yaml's address is "", so vault needs one
+    ({**VAULT, "config.vault.auth.token_file": ""}, False),  # and so is its token file: method token needs one
     (VAULT, True),
     ({**VAULT, "config.vault.address": "vault.example:8200"}, False),
     ({**VAULT, "config.vault.ca_cert": "/etc/kleidi/ca.pem"}, True),
@@ -165,8 +170,8 @@ CASES: list[tuple[dict[str, Any], bool]] = [
     ({"config.metrics_listen": "[::1]:9000"}, True),
     ({"config.metrics_listen": "localhost"}, False),
     ({"config.unknown": 1}, False),
-    ({**VAULT, "config.vault.auth.token_file": ""}, False),
     ({**VAULT, "config.vault.auth.token_file": None, "config.vault.auth.token_env": "VAULT_TOKEN"}, True),
+    ({**VAULT, "config.vault.auth.token_file": "", "config.vault.auth.token_env": "VAULT_TOKEN"}, True),
     ({**VAULT, "config.vault.auth.token_env": "VAULT_TOKEN"}, False),  # both a token file and a variable
     ({**VAULT, "config.vault.auth.mount": "approle-kleidi"}, True),
     ({**VAULT, "config.vault.auth.secret": "s.xyz"}, False),
@@ -266,5 +271,9 @@ def test_helm_refuses_values_the_schema_refuses(set_values: list[str], error: st
 def test_helm_accepts_global_values_and_a_vault_with_an_address() -> None:
     code, output = _lint("global.foo=bar")
     assert code == 0, output
-    code, output = _lint("config.provider=vault", "config.vault.address=https://vault.example:8200")
+    code, output = _lint(
+        "config.provider=vault",
+        "config.vault.address=https://vault.example:8200",
+        "config.vault.auth.token_file=/etc/kleidi/vault-token",
+    )
     assert code == 0, output

@@ -125,7 +125,9 @@ def test_the_daemonset_runs_on_control_plane_nodes_of_kubeadm_and_rke2(default_o
     assert ("node-role.kubernetes.io/etcd", "NoExecute") in tolerated  # RKE2 etcd nodes
     assert ("CriticalAddonsOnly", None) in tolerated  # RKE2's control-plane-only taint
     assert spec["priorityClassName"] == "system-node-critical"
-    assert spec["hostNetwork"] is True and spec["dnsPolicy"] == "ClusterFirstWithHostNet"
+    assert spec["hostNetwork"] is True
+    # The node's resolver: cluster DNS cannot answer before the apiservers can read Secrets (cold start).
+    assert spec["dnsPolicy"] == "Default"
 
 
 def test_placement_is_overridable() -> None:
@@ -158,7 +160,6 @@ def test_probes_reach_the_plugin_where_it_listens(default_objects: list[dict[str
     # Without hostNetwork the kubelet probes the pod's address, which a wildcard listener answers.
     own_network = render(set_values={"hostNetwork": "false", "config.metrics_listen": "0.0.0.0:8095"})
     assert "host" not in plugin_container(own_network)["livenessProbe"]["httpGet"]
-    assert "dnsPolicy" not in pod_spec(own_network)
 
 
 def test_a_loopback_listener_without_host_network_is_refused() -> None:
@@ -173,7 +174,10 @@ def test_every_container_runs_confined(default_objects: list[dict[str, Any]]) ->
         security = container["securityContext"]
         assert security["seccompProfile"] == {"type": "RuntimeDefault"}, container["name"]
         assert security["readOnlyRootFilesystem"] is True and security["allowPrivilegeEscalation"] is False
-        assert security["capabilities"] == {"drop": ["ALL"]}
+        # The guard chowns a socket directory the kubelet made for root; nothing else keeps a capability.
+        assert security["capabilities"] == (
+            {"drop": ["ALL"], "add": ["CHOWN"]} if container["name"] == "guard" else {"drop": ["ALL"]}
+        )
         assert "resources" in container
     plugin = plugin_container(default_objects)["securityContext"]
     assert plugin["runAsNonRoot"] is True and plugin["runAsUser"] == 10001
@@ -237,8 +241,8 @@ def test_the_softhsm_init_container_is_opt_in_and_mounts_the_token_store() -> No
     ("sets", "message"),
     [
         ({"softhsm.initToken": "true"}, "writable hostVolumes entry for the token directory"),
-        ({"softhsm.initToken": "true", "config.provider": "vault", "config.vault.address": "https://v:8200"},
-         "needs config.provider pkcs11"),
+        ({"softhsm.initToken": "true", "config.provider": "vault", "config.vault.address": "https://v:8200",
+          "config.vault.auth.token_file": "/etc/kleidi/vault-token"}, "needs config.provider pkcs11"),
         ({"hostVolumes[0].name": "socket", "hostVolumes[0].path": "/x"}, "the chart's own"),
     ],
 )  # fmt: skip
@@ -281,16 +285,37 @@ def test_the_guard_refuses_a_node_running_the_ansible_static_pod(
     guard = pod_spec(default_objects)["initContainers"][0]
     static_pods = {v["name"]: v for v in pod_spec(default_objects)["volumes"]}["static-pods"]
     assert static_pods["hostPath"] == {"path": "/etc/kubernetes/manifests", "type": "Directory"}
-    (env,) = guard["env"]
-    assert env["value"] == "/host-static-pods/kleidi.yaml"
-    manifests = tmp_path / "manifests"
+    env = {e["name"]: e["value"] for e in guard["env"]}
+    assert env["KLEIDI_STATIC_POD"] == "/host-static-pods/kleidi.yaml"
+    manifests, socket_dir = tmp_path / "manifests", tmp_path / "run-kleidi"
     manifests.mkdir()
+    socket_dir.mkdir()
     (manifests / "kube-apiserver.yaml").write_text("{}")
-    target = {"KLEIDI_STATIC_POD": str(manifests / "kleidi.yaml")}
-    assert _run_init_script(guard, "guard.sh", target).returncode == 0
+    env |= {"KLEIDI_STATIC_POD": str(manifests / "kleidi.yaml"), "KLEIDI_SOCKET_DIR": str(socket_dir)}
+    assert _run_init_script(guard, "guard.sh", env).returncode == 0
     (manifests / "kleidi.yaml").write_text("{}")
-    refused = _run_init_script(guard, "guard.sh", target)
+    refused = _run_init_script(guard, "guard.sh", env)
     assert refused.returncode == 1 and "Ansible static pod" in refused.stderr
+
+
+def test_the_guard_hands_a_socket_directory_made_for_root_to_the_plugins_user(
+    default_objects: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    guard = pod_spec(default_objects)["initContainers"][0]
+    env = {e["name"]: e["value"] for e in guard["env"]}
+    assert env["KLEIDI_SOCKET_DIR"] == "/run/kleidi" and (env["KLEIDI_UID"], env["KLEIDI_GID"]) == ("10001", "10001")
+    (tmp_path / "manifests").mkdir()
+    socket_dir = tmp_path / "run-kleidi"
+    socket_dir.mkdir(mode=0o755)  # what the kubelet makes for a missing DirectoryOrCreate hostPath
+    inode = socket_dir.stat().st_ino
+    env |= {"KLEIDI_STATIC_POD": str(tmp_path / "manifests" / "kleidi.yaml"), "KLEIDI_SOCKET_DIR": str(socket_dir)}
+    assert _run_init_script(guard, "guard.sh", env).returncode == 0
+    st = socket_dir.stat()
+    assert (st.st_uid, st.st_gid, st.st_mode & 0o777, st.st_ino) == (10001, 10001, 0o750, inode)
+    assert _run_init_script(guard, "guard.sh", env).returncode == 0  # the plugin's already: left alone
+    os.chown(socket_dir, 4242, 4242)
+    refused = _run_init_script(guard, "guard.sh", env)
+    assert refused.returncode == 1 and "belongs to uid 4242" in refused.stderr
 
 
 def test_the_notes_give_the_encryption_configuration_and_the_cold_start_loops() -> None:

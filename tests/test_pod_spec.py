@@ -60,7 +60,9 @@ def test_values_pkcs11_defaults_are_the_models() -> None:
 def test_the_vault_section_of_the_values_is_a_valid_vault_config_once_given_an_address() -> None:
     values = load_values()
     values["config"]["provider"] = "vault"
-    values["config"]["vault"]["address"] = "https://vault.example:8200"  # required; the values leave it empty
+    # Required, and left empty by the values.
+    values["config"]["vault"]["address"] = "https://vault.example:8200"
+    values["config"]["vault"]["auth"]["token_file"] = "/etc/kleidi/vault-token"
     rendered = pod.plugin_config(values)
     assert "pkcs11" not in rendered
     kleidi_config.validate(rendered)

@@ -115,6 +115,8 @@ def static_pod(values: dict[str, Any], default_tag: str, config_checksum: str) -
         },
         "spec": {
             "hostNetwork": bool(values["hostNetwork"]),
+            # The node's resolver, never cluster DNS, which cannot answer before the apiservers read Secrets.
+            "dnsPolicy": "Default",
             "priorityClassName": values["priorityClassName"],
             **({"securityContext": values["podSecurityContext"]} if values.get("podSecurityContext") else {}),
             "containers": [container(values, default_tag)],
