@@ -277,6 +277,70 @@ def test_exec_runs_a_command_in_the_pods_view(node: Node) -> None:
     assert not node.host.exists(), "exec left the mount points it made"
 
 
+def test_exec_without_a_command_runs_the_containers_own_once(node: Node) -> None:
+    report = prepare_volumes(node)
+    manifest = node.write(pod_manifest(node, greeting="once", mode="crash"))
+    exec_args = ["exec", "--node-root", str(node.root), "--manifest", str(manifest), "--node", "cp-test"]
+
+    # The container's command and args, command[0] mapped as the agent maps it; its exit code comes back.
+    done = agent(*exec_args, f"--program={fake_kleidi(node)}", check=False)
+    assert done.returncode == 3, done.stderr
+    seen = dict(line.split("=", 1) for line in report.read_text().splitlines())
+    assert seen["greeting"] == "once from cp-test" and seen["hello"] == "from the node root"
+    assert seen["uid"] == str(UID) and seen["root-writable"] == "no"
+
+    # An image binary without a program is refused before anything runs, as the agent refuses it.
+    report.unlink()
+    unmapped = agent(*exec_args, check=False)
+    assert unmapped.returncode == 125 and "'kleidi' has no program on this node" in unmapped.stderr
+    assert not report.exists()
+    assert not node.host.exists(), "exec left the mount points it made"
+
+
+def test_capabilities_are_composed_as_containerd_does(node: Node) -> None:
+    data = node.path("/srv/data")
+    data.mkdir(parents=True)
+    (data / "file").write_text("x")
+    mount = f"{node.host}/data"
+
+    def run(user: int, capabilities: dict[str, list[str]], script: str) -> subprocess.CompletedProcess[str]:
+        container = {
+            "name": "c",
+            "image": "example.org/c:test",
+            "command": ["sh"],
+            "securityContext": {"runAsUser": user, "runAsGroup": user, "capabilities": capabilities},
+            "volumeMounts": [{"name": "data", "mountPath": mount}],
+        }
+        pod = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": "caps", "namespace": "kube-system"},
+            "spec": {"hostNetwork": True, "containers": [container],
+                     "volumes": [{"name": "data", "hostPath": {"path": "/srv/data", "type": "Directory"}}]},
+        }  # fmt: skip
+        manifest = node.write(pod)
+        return agent("exec", "--node-root", str(node.root), "--manifest", str(manifest), "--", "sh", "-c", script,
+                     check=False)  # fmt: skip
+
+    bounding = "grep -E '^Cap(Eff|Bnd)' /proc/self/status | tr -s '\\t' ' '"
+    # Root with drop ALL and add CHOWN has exactly CAP_CHOWN (bit 0): it may give its file away, nothing more.
+    done = run(0, {"drop": ["ALL"], "add": ["CHOWN"]}, f"chown {UID} {mount}/file && {bounding}")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:2] == ["CapEff: 0000000000000001", "CapBnd: 0000000000000001"], done.stdout
+    assert data.joinpath("file").stat().st_uid == UID
+    # Without it, root may not: every capability was dropped.
+    refused = run(0, {"drop": ["ALL"]}, f"chown 0 {mount}/file")
+    assert refused.returncode != 0 and "Operation not permitted" in refused.stderr
+    # The runtime default less one dropped capability; a non-root user gets none of them.
+    done = run(0, {"drop": ["CAP_NET_RAW"]}, bounding)
+    assert done.stdout.splitlines()[:2] == ["CapEff: 00000000a80405fb", "CapBnd: 00000000a80405fb"], done.stdout
+    done = run(UID, {"add": ["NET_ADMIN"]}, bounding)
+    assert done.stdout.splitlines()[:2] == ["CapEff: 0000000000000000", "CapBnd: 00000000a80435fb"], done.stdout
+    everything = run(0, {"add": ["ALL"]}, "true")
+    assert everything.returncode == 125 and "capabilities.add ALL is not simulated" in everything.stderr
+    assert not node.host.exists(), "exec left the mount points it made"
+
+
 # -- the kube-apiserver stand-in ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:

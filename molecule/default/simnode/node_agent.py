@@ -8,7 +8,7 @@ or fails its probes, replaces it when its manifest changes and stops it when the
     node_agent.py start  --node N --node-root R --state-dir S [--node-address A] [--program NAME=CMD ...]
     node_agent.py stop   --state-dir S [--state-dir S2 ...]
     node_agent.py status --state-dir S
-    node_agent.py exec   --node-root R --manifest FILE [--container C] [--program NAME=CMD ...] -- CMD ...
+    node_agent.py exec   --node-root R --manifest FILE [--container C] [--program NAME=CMD ...] [-- CMD ...]
     node_agent.py run    --state-dir S        (the agent in the foreground; `start` runs this as a daemon)
 
 See README.md beside this file for what it does not do."""
@@ -574,17 +574,21 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_exec(args: argparse.Namespace) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if not command:
-        raise SystemExit("exec: give the command after --")
+    programs = parse_programs(args.program)
     node_root = Path(args.node_root).resolve()
     try:
         spec = read_manifest(Path(args.manifest), args.node, args.node_address)
         container = spec.container(args.container)
+        if command:
+            program = [*resolve_program(command[0], programs, required=False), *command[1:]]
+        else:
+            # The container's own command, its command[0] mapped as the agent maps it: one run to completion,
+            # as the kubelet runs an init container or a restartPolicy Never pod.
+            program = [*resolve_program(container.command[0], programs), *container.command[1:]]
         mounts = prepare_volumes(container, node_root)
     except (ManifestError, StartError) as err:
         print(f"exec: {err}", file=sys.stderr)
         return 125
-    program = resolve_program(command[0], parse_programs(args.program), required=False)
     with contextlib.ExitStack() as stack:
         if args.state_dir:
             record = MountPointRecord(Path(args.state_dir).resolve() / "mount-points.json")
@@ -594,7 +598,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
             record = MountPointRecord(tmp / "mount-points.json")
             stack.callback(record.remove_unused)
         ensure_host_mount_points(container, mounts, record)
-        argv = container_argv(container, mounts, [*program, *command[1:]])
+        argv = container_argv(container, mounts, program)
         return subprocess.call(argv, env=container_env(container, args.node))
 
 
@@ -626,7 +630,9 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--state-dir", required=True)
     status.set_defaults(func=cmd_status)
 
-    exe = sub.add_parser("exec", help="run a command in a pod's filesystem view (mounts, env, user)")
+    exe = sub.add_parser(
+        "exec", help="run a command in a pod's filesystem view (mounts, env, user); no command: the container's own"
+    )
     exe.add_argument("--node-root", required=True)
     exe.add_argument("--manifest", required=True)
     exe.add_argument("--container", help="default: the pod's first container")

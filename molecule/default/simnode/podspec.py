@@ -23,6 +23,7 @@ HOST_PATH_TYPES = frozenset(
 # fieldRef paths the downward API resolves for a static pod without an API server.
 FIELD_REFS = frozenset({"metadata.name", "metadata.namespace", "spec.nodeName", "status.hostIP", "status.podIP"})
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_CAPABILITY = re.compile(r"^[A-Z][A-Z_]*$")
 _VAR_REF = re.compile(r"\$\$|\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
 
 
@@ -81,6 +82,8 @@ class Container:
     liveness: Probe | None = None
     readiness: Probe | None = None
     startup: Probe | None = None
+    add_caps: tuple[str, ...] = ()  # capabilities.add, lower case without CAP_ (setpriv's names)
+    drop_caps: tuple[str, ...] = ()  # capabilities.drop other than ALL
 
 
 @dataclass(frozen=True)
@@ -234,9 +237,10 @@ def _container(
 
     security = {**pod_security, **_mapping(raw.get("securityContext") or {}, f"{where}: securityContext")}
     caps = _mapping(security.get("capabilities") or {}, f"{where}: capabilities")
-    drop = [str(c).upper() for c in caps.get("drop") or []]
-    if caps.get("add"):
-        raise ManifestError(f"{where}: capabilities.add is not simulated")
+    drop = _capabilities(caps.get("drop"), f"{where}: capabilities.drop")
+    add = _capabilities(caps.get("add"), f"{where}: capabilities.add")
+    if "ALL" in add:
+        raise ManifestError(f"{where}: capabilities.add ALL is not simulated")
     if security.get("privileged"):
         raise ManifestError(f"{where}: privileged containers are not simulated")
     run_as_user = _optional_int(security.get("runAsUser"), f"{where}: runAsUser")
@@ -259,6 +263,8 @@ def _container(
         run_as_non_root=run_as_non_root,
         no_new_privs=security.get("allowPrivilegeEscalation") is False,
         drop_all_caps="ALL" in drop,
+        add_caps=tuple(c.lower() for c in add),
+        drop_caps=tuple(c.lower() for c in drop if c != "ALL"),
         read_only_root=bool(security.get("readOnlyRootFilesystem")),
         mounts=_mounts(raw.get("volumeMounts") or [], volumes, where),
         liveness=_probe(raw.get("livenessProbe"), raw, node_address, f"{where}: livenessProbe"),
@@ -271,6 +277,15 @@ def _strings(value: Any, what: str) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ManifestError(f"{what} must be a list of strings")
     return list(value)
+
+
+def _capabilities(value: Any, what: str) -> list[str]:
+    """Capability names as the CRI takes them: CHOWN or CAP_CHOWN, any case; ALL stands for every one."""
+    names = [name.upper().removeprefix("CAP_") for name in _strings(value or [], what)]
+    for name in names:
+        if not _CAPABILITY.match(name):
+            raise ManifestError(f"{what}: {name!r} is not a capability name")
+    return names
 
 
 def _optional_int(value: Any, what: str) -> int | None:

@@ -166,11 +166,19 @@ def setpriv_argv(container: Container) -> list[str]:
         argv += ["--reuid", str(uid or 0), "--regid", str(gid), "--clear-groups"]
     if container.no_new_privs:
         argv.append("--no-new-privs")
-    caps = "-all" if container.drop_all_caps else "-all," + ",".join(f"+{c}" for c in DEFAULT_CAPS)
-    argv += ["--bounding-set", caps, "--inh-caps", "-all"]
+    argv += ["--bounding-set", "".join(["-all", *(f",+{c}" for c in bounding_set(container))]), "--inh-caps", "-all"]
     # A change of user clears the parent-death signal; keep it, so the process dies with the agent.
     argv += ["--pdeathsig", "keep", "--"]
     return argv
+
+
+def bounding_set(container: Container) -> list[str]:
+    """The container's capabilities as containerd composes them: the runtime default, none after drop ALL, then
+    each added one, less each dropped one. A root process gets exactly these; a non-root one gets none unless its
+    program has file capabilities (no ambient capabilities, as with runtimes), which the kernel decides here too."""
+    caps = [] if container.drop_all_caps else list(DEFAULT_CAPS)
+    caps += [cap for cap in container.add_caps if cap not in caps]
+    return [cap for cap in caps if cap not in container.drop_caps]
 
 
 def _image_gid(uid: int | None) -> int:
