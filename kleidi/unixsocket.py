@@ -33,6 +33,12 @@ def prepare(path: str, gid: int | None = None) -> None:
         raise ConfigError(f"listen: socket directory {parent} is a symlink; refusing")
     if pst.st_mode & stat.S_IWOTH and not pst.st_mode & stat.S_ISVTX:
         raise ConfigError(f"listen: socket directory {parent} is writable by everyone; refusing")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        # gRPC reports this only as a failed bind; name the directory, its owner and who we are.
+        raise ConfigError(
+            f"listen: socket directory {parent} (owner uid {pst.st_uid}, mode {stat.S_IMODE(pst.st_mode):04o}) "
+            f"is not writable by uid {os.geteuid()}; give it to the plugin's user"
+        )
     try:
         st = os.lstat(path)
     except FileNotFoundError:

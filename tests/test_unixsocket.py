@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,37 @@ def test_unknown_group_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="socket_group: no group named no-such-group-x"):
         unixsocket.group_id("no-such-group-x")
     assert unixsocket.group_id("") is None and unixsocket.group_id("0") == 0
+
+
+def test_a_socket_directory_the_plugins_user_cannot_write_is_named_with_its_owner() -> None:
+    # What the kubelet makes for a missing DirectoryOrCreate hostPath: root's, mode 0755. A forked child drops to
+    # the plugin's uid with kleidi already imported (this Python's files are root's alone).
+    base = Path(tempfile.mkdtemp(dir="/var/tmp"))
+    try:
+        base.chmod(0o755)
+        (base / "run").mkdir(mode=0o755)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+            os.close(read_end)
+            try:
+                os.setgid(10001)
+                os.setuid(10001)
+                unixsocket.prepare(str(base / "run" / "kleidi.sock"))
+                message = "accepted"
+            except ConfigError as exc:
+                message = str(exc)
+            except BaseException as exc:
+                message = repr(exc)
+            os.write(write_end, message.encode())
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as pipe:
+            message = pipe.read()
+        os.waitpid(pid, 0)
+    finally:
+        shutil.rmtree(base)
+    assert message == (
+        f"listen: socket directory {base}/run (owner uid 0, mode 0755) is not writable by uid 10001; "
+        "give it to the plugin's user"
+    )
