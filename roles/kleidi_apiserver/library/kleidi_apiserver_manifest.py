@@ -7,8 +7,9 @@ DOCUMENTATION = r"""
 module: kleidi_apiserver_manifest
 short_description: Give a kube-apiserver static pod the flags and host path mounts that kleidi needs
 description:
-  - With O(state=inspect), reports the Kubernetes version from the container image and the current value of every
-    flag in O(flags), and changes nothing.
+  - With O(state=inspect), reports the Kubernetes version from the container image, the current value of every
+    flag in O(flags) and, for each of O(mounts), whether the apiserver sees that host path at the same path
+    (C(mounts_seen), path -> true/false), and changes nothing.
   - With O(state=present), sets each flag (replacing an existing value, never duplicating it) and adds each mount
     whose path the pod does not already see from the same host path. A changed manifest is first copied to
     O(backup_dir)/<stamp>/<its path>, never next to it: the kubelet runs every file in its manifests directory.
@@ -168,6 +169,7 @@ def main():
         "manifest_changed": False,
     }
     if params["state"] == "inspect":
+        result["mounts_seen"] = {m["path"]: _sees(pod, container, m["path"])[0] for m in params["mounts"]}
         module.exit_json(**result)
     before = yaml.safe_dump(pod, sort_keys=False)
     try:

@@ -13,18 +13,23 @@ description:
     wildcard entry gets that entry's providers after kms. C(identity) goes last only where plaintext may exist
     (the resource had no configuration, or its configuration already listed identity).
   - A changed file is first copied to O(backup_dir)/<stamp>/<its path>.
+  - With O(state=inspect), reads the configuration at O(path) and changes nothing; returns it with every key
+    redacted, a SHA-256 of the whole file (to compare nodes without showing keys), each entry's resources and
+    provider order, the kms provider named O(kms_name) (name, endpoint, timeout) and the resources it writes.
 options:
-  path: {description: Host path of the configuration to write., type: path, required: true}
+  path: {description: Host path of the configuration to write (or read)., type: path, required: true}
+  state: {description: present or inspect., type: str, default: present, choices: [present, inspect]}
   existing: {description: Host path of a configuration to start from when O(path) does not exist., type: path}
   resources: {description: Resources the kms provider encrypts., type: list, elements: str, default: [secrets]}
-  kms_name: {description: The kms provider's name; never rename it once data is written., type: str, required: true}
-  endpoint: {description: "unix:// endpoint of the plugin, as the apiserver sees it.", type: str, required: true}
+  kms_name: {description: The kms provider's name; never rename it once data is written. Required to write., type: str}
+  endpoint: {description: "unix:// endpoint of the plugin, as the apiserver sees it. Required to write.", type: str}
   timeout: {description: How long the apiserver waits for the plugin., type: str, default: 3s}
-  backup_dir: {description: Host directory for backups., type: path, required: true}
-  stamp: {description: Name of this run's backup directory., type: str, required: true}
+  backup_dir: {description: Host directory for backups. Required to write., type: path}
+  stamp: {description: Name of this run's backup directory. Required to write., type: str}
   root: {description: The node root prefixed to every path (empty on a real node)., type: str, default: ""}
 """
 
+import hashlib
 import os
 
 import yaml
@@ -104,22 +109,67 @@ def _with_kms(providers, kms, plaintext_possible):
     return [{"kms": kms}, *others, *([{"identity": {}}] if plaintext_possible else [])]
 
 
+def summary(config, kms_name):
+    """What an operator reads in a configuration: each entry's resources and provider order (kms providers by
+    name), the kms provider named ``kms_name`` and the resources whose first provider it is."""
+    entries, kms, writes = [], None, []
+    for entry in config.get("resources") or []:
+        providers = []
+        for provider in entry.get("providers") or []:
+            kind = next(iter(provider), "")
+            settings = provider.get(kind) or {}
+            providers.append(f"kms:{settings.get('name', '')}" if kind == "kms" else kind)
+            if kind == "kms" and settings.get("name") == kms_name and kms is None:
+                kms = {k: settings.get(k, "") for k in ("name", "endpoint", "timeout", "apiVersion")}
+        resources = list(entry.get("resources") or [])
+        entries.append({"resources": resources, "providers": providers})
+        if providers[:1] == [f"kms:{kms_name}"]:
+            writes.extend(resources)
+    return {"entries": entries, "kms": kms, "kms_resources": writes}
+
+
+def inspect(module, params):
+    path = params["path"]
+    if not os.path.exists(path):
+        module.exit_json(
+            changed=False, path=path, exists=False, sha256="", config={}, entries=[], kms=None, kms_resources=[]
+        )
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+        config = _load(path)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        module.fail_json(msg=f"cannot read the encryption configuration: {exc}")
+    module.exit_json(
+        changed=False,
+        path=path,
+        exists=True,
+        sha256=hashlib.sha256(raw).hexdigest(),
+        config=_redacted(config),
+        **summary(config, params["kms_name"]),
+    )
+
+
 def main():
     module = AnsibleModule(
         argument_spec={
             "path": {"type": "path", "required": True},
+            "state": {"type": "str", "default": "present", "choices": ["present", "inspect"]},
             "existing": {"type": "path"},
             "resources": {"type": "list", "elements": "str", "default": ["secrets"]},
-            "kms_name": {"type": "str", "required": True},
-            "endpoint": {"type": "str", "required": True},
+            "kms_name": {"type": "str"},
+            "endpoint": {"type": "str"},
             "timeout": {"type": "str", "default": "3s"},
-            "backup_dir": {"type": "path", "required": True},
-            "stamp": {"type": "str", "required": True},
+            "backup_dir": {"type": "path"},
+            "stamp": {"type": "str"},
             "root": {"type": "str", "default": ""},
         },
+        required_if=[("state", "present", ("kms_name", "endpoint", "backup_dir", "stamp"))],
         supports_check_mode=True,
     )
     params = module.params
+    if params["state"] == "inspect":
+        inspect(module, params)
     if not params["endpoint"].startswith("unix:///"):
         module.fail_json(msg="endpoint must be unix:///absolute/path.sock")
     source = params["path"] if os.path.exists(params["path"]) else params["existing"]
