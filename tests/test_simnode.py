@@ -6,9 +6,12 @@ test made is removed, even when the test fails."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import importlib.util
 import json
 import os
+import re
 import secrets
 import shutil
 import ssl
@@ -519,9 +522,14 @@ def test_standin_checks_the_plugin_through_the_manifests_mounts(node: Node, pki:
 
         # Automatic reload: an invalid file is refused, the running config stays and a failure is counted.
         config.write_text("apiVersion: apiserver.config.k8s.io/v1\nkind: EncryptionConfiguration\nresources: []\n")
-        failures = 'automatic_reloads_total{status="failure"} 1'
+        failures = 'status="failure"} 1'
         wait_for(
-            lambda: failures in https(port, "/metrics", pki, cert="apiserver-kubelet-client")[1], 10, "a reload failure"
+            lambda: any(
+                line.startswith("apiserver_encryption_config_controller_automatic_reloads_total{") and failures in line
+                for line in https(port, "/metrics", pki, cert="apiserver-kubelet-client")[1].splitlines()
+            ),
+            10,
+            "a reload failure",
         )
         assert readyz()[0] == 200
 
@@ -531,4 +539,164 @@ def test_standin_checks_the_plugin_through_the_manifests_mounts(node: Node, pki:
         code, body = wait_for(lambda: readyz()[0] == 500 and readyz(), 15, f"not ready\n{node.log('kube-apiserver')}")
         code, detail = https(port, "/readyz/kms-providers", pki, cert="apiserver-kubelet-client")
         assert code == 500 and "kleidi.sock" in detail, detail
+        assert node.pod("kube-apiserver")["restarts"] == 0
+
+
+STATUS_GAUGE = "apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds"
+TIME_SCALE = 0.05  # the stand-in's test knob: polls every 3 s while healthy, every 0.5 s while failing
+HEALTHY_POLL = 60 * TIME_SCALE
+
+
+def apiserver_id_hash(node_name: str) -> str:
+    """What kube-apiserver on a host of that name puts in apiserver_id_hash: its identity (server.NewConfig), hashed."""
+    data = b"".join(len(p).to_bytes(2, "big") + p for p in (node_name.encode(), b"kube-apiserver"))
+    identity = "apiserver-" + base64.b32encode(hashlib.sha256(data).digest()[:16]).decode().rstrip("=").lower()
+    return "sha256:" + hashlib.sha256(identity.encode()).hexdigest()
+
+
+def metrics_text(port: int, pki: Path) -> str:
+    code, text = https(port, "/metrics", pki, cert="apiserver-kubelet-client")
+    assert code == 200, text
+    return text
+
+
+def kms_status_series(port: int, pki: Path, provider: str = "kleidi") -> dict[str, float]:
+    """The stand-in's Status gauge for one provider, as {key_id_hash: last time}; every line of the gauge checked
+    for the exact shape kube-apiserver prints. {} while the stand-in does not answer."""
+    try:
+        text = metrics_text(port, pki)
+    except OSError:
+        return {}
+    line = re.compile(
+        rf'{STATUS_GAUGE}\{{apiserver_id_hash="{apiserver_id_hash("cp-test")}",key_id_hash="(sha256:[0-9a-f]{{64}})",'
+        r'provider_name="([^"]+)"\} (\d\.\d+e\+09)'
+    )
+    series = {}
+    for found in text.splitlines():
+        if found.startswith(STATUS_GAUGE + "{"):
+            match = line.fullmatch(found)
+            assert match, found
+            if match.group(2) == provider:
+                series[match.group(1)] = float(match.group(3))
+    if series:
+        help_text = "[ALPHA] The last time in seconds when a keyID was returned by the Status RPC call."
+        assert f"# HELP {STATUS_GAUGE} {help_text}\n# TYPE {STATUS_GAUGE} gauge\n" in text, text
+    # Only what the real apiserver exports: no storage reads or writes here, so no per-transformation series.
+    assert "apiserver_envelope_encryption_key_id_hash_total" not in text, text
+    return series
+
+
+def key_hash(plugin: KleidiProcess) -> str:
+    with plugin.client() as client:
+        return "sha256:" + hashlib.sha256(client.status().key_id.encode()).hexdigest()
+
+
+def encrypt_calls(plugin: KleidiProcess) -> str:
+    code, text = plugin.http("/metrics")
+    assert code == 200, text
+    found = re.search(r'^kleidi_requests_total\{api="v2",code="OK",method="Encrypt"\} (\S+)$', text, re.M)
+    return found.group(1) if found else "0"
+
+
+def polling_standin(node: Node, pki: Path, *providers: dict[str, Any]) -> tuple[int, Path, str]:
+    """The stand-in on a test node with the poll knob set, its KMS socket directory mounted: (port, its
+    EncryptionConfiguration file, the endpoint of the plugin's socket as the pod sees it)."""
+    shutil.copytree(pki / "node/etc/kubernetes", node.path("/etc/kubernetes"), dirs_exist_ok=True)
+    socket_mount = f"{node.host}/kleidi"
+    config = node.path("/etc/kubernetes/encryption/config.yaml")
+    config.parent.mkdir()
+    endpoint = f"unix://{socket_mount}/kleidi.sock"
+    config.write_text(encryption_config(*[{"kms": {**p["kms"], "endpoint": endpoint}} for p in providers]))
+    port = free_port()
+    manifest = apiserver_manifest(port, "/var/lib/kleidi-test/run", socket_mount)
+    manifest["spec"]["containers"][0]["env"] = [{"name": "SIMNODE_TEST_KMS_TIME_SCALE", "value": str(TIME_SCALE)}]
+    node.start(f"kube-apiserver={sys.executable} {STANDIN}")
+    node.write(manifest)
+    return port, config, endpoint
+
+
+def test_standin_polls_status_and_rotates_the_dek_when_the_kek_changes(node: Node, pki: Path, tmp_path: Path) -> None:
+    """The background poll, with nothing asking /healthz or /readyz: the Status gauge of a key_id moves forward on
+    every healthy poll; after the plugin restarts on a second KEK, the next poll records the new key_id as the
+    provider's newest series and rotates the DEK seed (one Encrypt on the new plugin)."""
+    hsm = SoftHsm(tmp_path / "hsm")
+    hsm.keygen("kek-1")
+    hsm.keygen("kek-2")
+    # The plugin's socket lands in <node root>/var/lib/kleidi-test/run, which the stand-in's manifest mounts.
+    with KleidiProcess(node.path("/var/lib/kleidi-test"), pkcs11_config(hsm, "kek-1"), env=hsm.env) as plugin:
+        plugin.start()
+        old = key_hash(plugin)
+        port, _, _ = polling_standin(node, pki, kms("kleidi", ""))
+
+        # Primed at load: the first key_id is there before anyone asks for health.
+        primed = wait_for(
+            lambda: kms_status_series(port, pki).get(old),
+            20,
+            f"the primed Status gauge\n{node.log('kube-apiserver')}",
+            interval=0.25,
+        )
+        # The healthy poll calls Status again within one interval (the cached answer has expired by then).
+        wait_for(lambda: kms_status_series(port, pki).get(old, 0) > primed, HEALTHY_POLL + 2, "a poll", interval=0.25)
+
+        plugin.stop()
+        plugin.write_config(pkcs11=hsm.config("kek-2"))
+        plugin.start()
+        new = key_hash(plugin)
+        assert new != old
+        started = time.monotonic()
+
+        def newest() -> str | None:
+            found = kms_status_series(port, pki)
+            return max(found, key=lambda h: found[h]) if found else None
+
+        wait_for(
+            lambda: newest() == new, HEALTHY_POLL + 5, f"the new key_id\n{node.log('kube-apiserver')}", interval=0.25
+        )
+        took = time.monotonic() - started
+        assert took <= HEALTHY_POLL + 2, f"the poll took {took:.1f}s to see the new key_id"
+        found = kms_status_series(port, pki)
+        assert set(found) == {old, new}, found  # the old key_id's series stays (the real LRU keeps 100)
+
+        # The poll rotated the DEK seed: one Encrypt on the new plugin, whose key_id matched Status'.
+        pod_log = node.state / "kube-apiserver.log"
+        wait_for(lambda: f"oldKeyIDHash={old}" in pod_log.read_text(), 5, "the rotation log")
+        log = pod_log.read_text()
+        assert "successfully rotated DEK provider=kleidi uid=" in log, log
+        assert f"newKeyIDHash={new} oldKeyIDHash={old}" in log, log
+        assert encrypt_calls(plugin) == "1.0"
+        assert "test knob: KMS poll intervals 3s/0.5s and health TTLs 1s/0.15s" in log, log
+        assert node.pod("kube-apiserver")["restarts"] == 0
+
+
+def test_standin_reload_swaps_the_polled_providers(node: Node, pki: Path, tmp_path: Path) -> None:
+    """A reloaded config's providers are primed (a new DEK seed) and polled from then on; the replaced ones are
+    polled until their grace period (2 x their timeouts) ends, then no more."""
+    hsm = SoftHsm(tmp_path / "hsm")
+    hsm.keygen("kek-1")
+    with KleidiProcess(node.path("/var/lib/kleidi-test"), pkcs11_config(hsm), env=hsm.env) as plugin:
+        plugin.start()
+        key = key_hash(plugin)
+        first = kms("kleidi", "")
+        first["kms"]["timeout"] = "1s"  # a grace period of 2 s once replaced
+        port, config, endpoint = polling_standin(node, pki, first)
+        wait_for(lambda: kms_status_series(port, pki).get(key), 20, "the primed Status gauge", interval=0.25)
+        assert encrypt_calls(plugin) == "1.0"  # the first DEK seed
+
+        # The same plugin under another provider name: the series tell the two configs' polls apart.
+        config.write_text(encryption_config(kms("kleidi-next", endpoint)))
+
+        def reloaded() -> float:
+            found = re.search(
+                r'automatic_reload_last_timestamp_seconds\{[^}]*status="success"\} (\S+)', metrics_text(port, pki)
+            )
+            return float(found.group(1)) if found else 0.0
+
+        reloaded_at = wait_for(reloaded, 10, f"the reload\n{node.log('kube-apiserver')}", interval=0.25)
+        assert encrypt_calls(plugin) == "2.0"  # the new provider's own DEK seed, made when it was primed
+        time.sleep(2 + HEALTHY_POLL + 0.5)  # the grace period, then one more poll interval
+        old, new = kms_status_series(port, pki)[key], kms_status_series(port, pki, "kleidi-next")[key]
+        assert old < reloaded_at + 2 + 0.5, (
+            f"the replaced provider was polled {old - reloaded_at:.1f}s after the reload"
+        )
+        assert new > reloaded_at, "the new provider is not polled"  # it was primed before the reload counted
         assert node.pod("kube-apiserver")["restarts"] == 0

@@ -4,19 +4,23 @@ mounts and with that manifest's own flags.
 
 It does what the apiserver does with encryption at rest up to the point where etcd would be needed: it refuses to
 start on a missing or invalid --encryption-provider-config, checks every KMS provider the way the real health
-checks do (Status, and Encrypt of a DEK seed when the key_id is new), reloads the file when automatic reload is on,
-and serves /livez, /readyz, /healthz (anonymous allowed, as system:public-info-viewer) and the individual checks,
-/version and /metrics (client certificate of a cluster admin) over HTTPS on <advertise-address>:<secure-port>.
+checks do (Status, and Encrypt of a DEK seed when the key_id is new), at load, in the background every 60 s (10 s
+while failing) and on health requests, reloads the file when automatic reload is on, and serves /livez, /readyz,
+/healthz (anonymous allowed, as system:public-info-viewer) and the individual checks, /version and /metrics (client
+certificate of a cluster admin; the envelope-encryption and reload metrics the real one exports) over HTTPS on
+<advertise-address>:<secure-port>.
 README.md beside this file lists what it does not do."""
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import logging
 import os
 import re
 import signal
+import socket
 import ssl
 import sys
 import threading
@@ -28,7 +32,7 @@ from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 import encryption_config
-from kms_health import KmsChecks
+from kms_health import EnvelopeMetrics, KmsChecks, Timing, get_hash, go_float
 
 log = logging.getLogger("kube-apiserver")
 
@@ -106,13 +110,31 @@ def feature_gates(flags: dict[str, str]) -> dict[str, bool]:
     return gates
 
 
+def apiserver_identity(hostname: str) -> str:
+    """The apiserver's identity (its Lease name in kube-system), from server.NewConfig with APIServerIdentity on
+    (the default since 1.26): "apiserver-" + base32 of the first 16 bytes of SHA-256 over the hostname and
+    "kube-apiserver", each prefixed with its 16-bit length (cryptobyte)."""
+    data = b"".join(len(part).to_bytes(2, "big") + part for part in (hostname.encode(), b"kube-apiserver"))
+    digest = hashlib.sha256(data).digest()[:16]
+    return "apiserver-" + base64.b32encode(digest).decode().rstrip("=").lower()
+
+
+def node_hostname() -> str:
+    """What os.Hostname() gives the apiserver of a node (its pod has the host's network, so the node's hostname).
+    The simulated nodes share this machine's hostname, so the node name the agent puts in HOSTNAME stands for it:
+    each node's stand-in gets an identity of its own, the same across its restarts."""
+    return os.environ.get("HOSTNAME") or socket.gethostname()
+
+
 @dataclass
 class ReloadMetrics:
-    counts: dict[str, int] = field(default_factory=lambda: {"success": 0, "failure": 0})
+    """encryptionconfig/metrics: a series appears with the first reload of its status, as a Go vector's child."""
+
+    counts: dict[str, int] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)
 
     def record(self, status: str) -> None:
-        self.counts[status] += 1
+        self.counts[status] = self.counts.get(status, 0) + 1
         self.last[status] = time.time()
 
 
@@ -127,6 +149,22 @@ class StandIn:
         self.kms_v1 = feature_gates(flags).get("KMSv1", False)
         self.metrics = ReloadMetrics()
         self.image = os.environ.get("SIMNODE_IMAGE", "")
+        self.apiserver_id = apiserver_identity(node_hostname())
+        self.envelope_metrics = EnvelopeMetrics(self.apiserver_id)
+        try:
+            self.timing = Timing.from_env()
+        except ValueError as err:
+            raise StartupError(str(err)) from err
+        if self.timing.scale != 1:
+            log.warning(
+                "test knob: KMS poll intervals %gs/%gs and health TTLs %gs/%gs (scaled by %g; the real apiserver's "
+                "are 60s/10s and 20s/3s)",
+                self.timing.positive_interval,
+                self.timing.negative_interval,
+                self.timing.positive_ttl,
+                self.timing.negative_ttl,
+                self.timing.scale,
+            )
         self.checks = KmsChecks(None, False)
         self._stop = threading.Event()
 
@@ -143,19 +181,26 @@ class StandIn:
             config = encryption_config.load(self.config_path, self.reload, self.kms_v1)
         except encryption_config.ConfigError as err:
             raise StartupError(str(err)) from err
-        self._adopt(config)
-        # The real server primes each KMS v2 probe inline and starts even when the plugin is not up yet.
-        for probe in self.checks.probes:
-            error = probe.check()
-            if error:
-                log.error("kms plugin failed health check probe name=%s err=%s", probe.name, error)
+        log.info("apiserver identity %s (apiserver_id_hash %s)", self.apiserver_id, get_hash(self.apiserver_id))
+        checks = self._new_checks(config, self.reload)
+        # Each KMS v2 probe is primed inline, then polled in the background; the server starts even when the
+        # plugin is not up yet.
+        checks.prime()
+        self._adopt(config, checks)
 
-    def _adopt(self, config: encryption_config.EncryptionConfig) -> None:
+    def _new_checks(self, config: encryption_config.EncryptionConfig, reload: bool) -> KmsChecks:
+        return KmsChecks(config, reload, self.envelope_metrics, self.timing)
+
+    def _adopt(self, config: encryption_config.EncryptionConfig, checks: KmsChecks) -> None:
         for warning in config.warnings:
             log.warning("%s", warning)
         for line in config.summary:
             log.info("encryption config %s: %s", config.path, line)
-        self.checks = KmsChecks(config, self.reload)
+        old, self.checks = self.checks, checks
+        # The replaced providers are closed after their grace period (DynamicTransformers.Set); their polls end then.
+        closer = threading.Timer(old.close_grace_period, old.stop)
+        closer.daemon = True
+        closer.start()
 
     def watch_config(self) -> None:
         """--encryption-provider-config-automatic-reload: apply a changed file once it is valid and its KMS
@@ -188,20 +233,27 @@ class StandIn:
             return str(err)
         if self.checks.config is not None and config.digest == self.checks.config.digest:
             return None
-        candidate = KmsChecks(config, True)
+        candidate = self._new_checks(config, True)
+        candidate.prime()  # LoadEncryptionConfig primes and starts polling the new providers at once
         deadline = time.monotonic() + NEW_CONFIG_HEALTH_WAIT
         while True:
             error = candidate.run("kms-providers")
             if error is None:
                 break
-            if time.monotonic() >= deadline:
+            if time.monotonic() >= deadline or self._stop.is_set():
+                candidate.stop()  # a refused config's providers are closed at once
                 return f"health check for new transformers failed: {error}"
             time.sleep(0.5)
-        self._adopt(config)
+        self._adopt(config, candidate)
         return None
 
     def stop(self) -> None:
+        """Shutdown: the reload watch and every KMS poll end (a check under way ends within its timeout)."""
         self._stop.set()
+        self.checks.stop()
+
+    def join(self) -> None:
+        self.checks.join(max((p.provider.timeout for p in self.checks.probes), default=0.0) + 1.0)
 
     # -- what the handlers ask -----------------------------------------------------------------------------
     def check_names(self, endpoint: str) -> list[str]:
@@ -231,25 +283,38 @@ class StandIn:
         }
 
     def metrics_text(self) -> str:
-        lines = [
-            "# HELP apiserver_encryption_config_controller_automatic_reloads_total [ALPHA] Total number of reload "
-            "successes and failures of encryption configuration split by apiserver identity.",
-            "# TYPE apiserver_encryption_config_controller_automatic_reloads_total counter",
-        ]
-        for status, count in sorted(self.metrics.counts.items()):
-            lines.append(f'apiserver_encryption_config_controller_automatic_reloads_total{{status="{status}"}} {count}')
+        """The families the real apiserver would show here, sorted by name as the Go registry does, each only once
+        it has a series."""
+        lines: list[str] = []
+        identity = f'apiserver_id_hash="{get_hash(self.apiserver_id)}"'
         last = "apiserver_encryption_config_controller_automatic_reload_last_timestamp_seconds"
-        lines += [
-            f"# HELP {last} [ALPHA] Timestamp of the last successful or failed automatic reload of encryption "
-            "configuration split by apiserver identity.",
-            f"# TYPE {last} gauge",
-        ]
-        lines += [f'{last}{{status="{status}"}} {stamp:.3f}' for status, stamp in sorted(self.metrics.last.items())]
+        if self.metrics.last:
+            lines += [
+                f"# HELP {last} [ALPHA] Timestamp of the last successful or failed automatic reload of encryption "
+                "configuration split by apiserver identity.",
+                f"# TYPE {last} gauge",
+            ]
+            lines += [
+                f'{last}{{{identity},status="{status}"}} {go_float(stamp)}'
+                for status, stamp in sorted(self.metrics.last.items())
+            ]
+        total = "apiserver_encryption_config_controller_automatic_reloads_total"
+        if self.metrics.counts:
+            lines += [
+                f"# HELP {total} [ALPHA] Total number of reload successes and failures of encryption configuration "
+                "split by apiserver identity.",
+                f"# TYPE {total} counter",
+            ]
+            lines += [
+                f'{total}{{{identity},status="{status}"}} {count}'
+                for status, count in sorted(self.metrics.counts.items())
+            ]
+        lines += self.envelope_metrics.lines()
         # The Go process collector's gauge: how a client tells that the apiserver restarted after a change.
         lines += [
             "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.",
             "# TYPE process_start_time_seconds gauge",
-            f"process_start_time_seconds {PROCESS_START:.3f}",
+            f"process_start_time_seconds {go_float(PROCESS_START)}",
         ]
         return "\n".join(lines) + "\n"
 
@@ -460,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("Serving securely on %s", f"{address[0]}:{address[1]}")
     server.serve_forever(poll_interval=0.2)
     server.server_close()
+    standin.join()
     return 0
 
 
