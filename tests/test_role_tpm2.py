@@ -49,6 +49,8 @@ class CmdlineWatch(threading.Thread):
             for name in os.listdir("/proc"):
                 if not name.isdigit() or name == own:
                     continue
+                if not _descends_from(name, own):  # another test run on this machine is not this play
+                    continue
                 try:
                     with open(f"/proc/{name}/cmdline", "rb") as handle:
                         raw = handle.read()
@@ -74,6 +76,20 @@ class CmdlineWatch(threading.Thread):
     def stop(self) -> None:
         self._done.set()
         self.join(10)
+
+
+def _descends_from(pid: str, ancestor: str) -> bool:
+    """Whether process ``pid`` is ``ancestor``'s child, grandchild, ... (the play and everything it runs)."""
+    while pid not in ("0", "1"):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            return False
+        pid = stat.rsplit(b")", 1)[1].split()[1].decode()  # the field after the state: the parent pid
+        if pid == ancestor:
+            return True
+    return False
 
 
 @pytest.fixture(scope="module")
