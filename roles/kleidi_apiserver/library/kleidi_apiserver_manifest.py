@@ -13,11 +13,15 @@ description:
   - With O(state=present), sets each flag (replacing an existing value, never duplicating it) and adds each mount
     whose path the pod does not already see from the same host path. A changed manifest is first copied to
     O(backup_dir)/<stamp>/<its path>, never next to it: the kubelet runs every file in its manifests directory.
+  - With O(state=absent), removes each flag named in O(flags) (their values are ignored) and every volume and
+    volume mount whose name is one of O(mounts)' names (kleidi's own: C(kleidi-socket), C(kleidi-encryption-config)),
+    copying the manifest first. For kleidi_uninstall, once the apiserver no longer needs them. O(patch_path) is not
+    used: write the patch again with O(state=present) and what stays, or remove it.
   - With O(patch_path), also writes a kubeadm JSON patch (kube-apiserver0+json.yaml) that appends the same flags and
     kleidi's own mounts, so that C(kubeadm upgrade ... --patches <dir>) keeps them.
 options:
   path: {description: Host path of the kube-apiserver manifest., type: path, required: true}
-  state: {description: inspect or present., type: str, default: present, choices: [inspect, present]}
+  state: {description: inspect, present or absent., type: str, default: present, choices: [inspect, present, absent]}
   container: {description: Name of the apiserver container., type: str, default: kube-apiserver}
   flags: {description: "Flags without their leading dashes, name: value.", type: dict, default: {}}
   mounts:
@@ -116,6 +120,18 @@ def apply(pod, container_name, flags, mounts, path):
     return pod
 
 
+def strip(pod, container_name, flags, names, path):
+    """Remove flags (by name) and volumes with their mounts (by volume name) in place."""
+    container = _container(pod, container_name, path)
+    container["command"] = [
+        arg for arg in container.get("command") or [] if arg.lstrip("-").partition("=")[0] not in flags
+    ]
+    for owner, key in ((container, "volumeMounts"), (pod.get("spec") or {}, "volumes")):
+        if key in owner:
+            owner[key] = [item for item in owner[key] or [] if item.get("name") not in names]
+    return pod
+
+
 def kubeadm_patch(pod, container_name, flags, mounts, path):
     """A JSON patch that appends kleidi's flags and its own volumes to the manifest kubeadm generates."""
     container = _container(pod, container_name, path)
@@ -142,7 +158,7 @@ def main():
     module = AnsibleModule(
         argument_spec={
             "path": {"type": "path", "required": True},
-            "state": {"type": "str", "default": "present", "choices": ["inspect", "present"]},
+            "state": {"type": "str", "default": "present", "choices": ["inspect", "present", "absent"]},
             "container": {"type": "str", "default": "kube-apiserver"},
             "flags": {"type": "dict", "default": {}},
             "mounts": {"type": "list", "elements": "dict", "default": []},
@@ -151,7 +167,7 @@ def main():
             "stamp": {"type": "str"},
             "root": {"type": "str", "default": ""},
         },
-        required_if=[("state", "present", ("backup_dir", "stamp"))],
+        required_if=[("state", "present", ("backup_dir", "stamp")), ("state", "absent", ("backup_dir", "stamp"))],
         supports_check_mode=True,
     )
     params = module.params
@@ -173,14 +189,18 @@ def main():
         module.exit_json(**result)
     before = yaml.safe_dump(pod, sort_keys=False)
     try:
-        wanted = apply(_read_yaml(path), params["container"], params["flags"], params["mounts"], path)
+        if params["state"] == "absent":
+            names = {m.get("name") for m in params["mounts"]}
+            wanted = strip(_read_yaml(path), params["container"], set(params["flags"]), names, path)
+        else:
+            wanted = apply(_read_yaml(path), params["container"], params["flags"], params["mounts"], path)
     except ValueError as exc:
         module.fail_json(msg=str(exc))
     after = yaml.safe_dump(wanted, sort_keys=False)
     writes = []
     if wanted != pod:
         writes.append((path, after, before))
-    if params["patch_path"]:
+    if params["patch_path"] and params["state"] == "present":
         patch = yaml.safe_dump(kubeadm_patch(wanted, params["container"], params["flags"], params["mounts"], path))
         old = read_text(params["patch_path"])
         if old != patch:

@@ -1,5 +1,6 @@
 #!/usr/bin/python
-"""Ansible module: put a kms v2 provider first in an EncryptionConfiguration, keeping every existing provider."""
+"""Ansible module: put a kms v2 provider first in an EncryptionConfiguration, keeping every existing provider; or,
+to remove kleidi safely, move it last (new writes without it, reads still through it), then take it out."""
 
 from __future__ import annotations
 
@@ -16,9 +17,21 @@ description:
   - With O(state=inspect), reads the configuration at O(path) and changes nothing; returns it with every key
     redacted, a SHA-256 of the whole file (to compare nodes without showing keys), each entry's resources and
     provider order, the kms provider named O(kms_name) (name, endpoint, timeout) and the resources it writes.
+  - With O(state=demoted), every entry of the configuration at O(path) that lists the kms provider named O(kms_name)
+    gets it last instead: new writes go to the provider after it (the one the resource had before kleidi, or
+    C(identity), plaintext, when there was none), while everything stored under kms stays readable. The first step
+    of removing kleidi (kleidi_uninstall).
+  - With O(state=absent), that kms provider is taken out of every entry (an entry left without a provider gets
+    C(identity)). Only once nothing stored needs it any more: what it wrote becomes unreadable.
+  - O(state=demoted) and O(state=absent) return C(kms_resources), the resources kms still decrypts, and
+    C(identity_only), whether the result encrypts nothing at all.
 options:
   path: {description: Host path of the configuration to write (or read)., type: path, required: true}
-  state: {description: present or inspect., type: str, default: present, choices: [present, inspect]}
+  state:
+    description: present (kms first), inspect, demoted (kms last) or absent.
+    type: str
+    default: present
+    choices: [present, inspect, demoted, absent]
   existing: {description: Host path of a configuration to start from when O(path) does not exist., type: path}
   resources: {description: Resources the kms provider encrypts., type: list, elements: str, default: [secrets]}
   kms_name: {description: The kms provider's name; never rename it once data is written. Required to write., type: str}
@@ -92,6 +105,50 @@ def merge(existing, resources, kms):
     return config
 
 
+def demote(existing, name):
+    """Every entry listing kms provider ``name`` gets it last: new writes go to the provider after it (identity when
+    none), and what kms wrote stays readable. Running it twice changes nothing."""
+    config = {**existing, "resources": []}
+    for entry in existing.get("resources") or []:
+        providers = list(entry.get("providers") or [])
+        ours = [p for p in providers if _is_kms(p, name)]
+        if ours:
+            others = [p for p in providers if not _is_kms(p, name)]
+            providers = [*(others or [{"identity": {}}]), *ours]
+        config["resources"].append({**entry, "providers": providers})
+    return config
+
+
+def remove(existing, name):
+    """kms provider ``name`` taken out of every entry; an entry left without a provider reads and writes plaintext."""
+    config = {**existing, "resources": []}
+    for entry in existing.get("resources") or []:
+        providers = list(entry.get("providers") or [])
+        if any(_is_kms(p, name) for p in providers):
+            providers = [p for p in providers if not _is_kms(p, name)] or [{"identity": {}}]
+        config["resources"].append({**entry, "providers": providers})
+    return config
+
+
+def decrypting(config, name):
+    """The resources whose entry lists kms provider ``name`` anywhere: it decrypts what it wrote from any place."""
+    return [
+        resource
+        for entry in (config or {}).get("resources") or []
+        if any(_is_kms(p, name) for p in entry.get("providers") or [])
+        for resource in entry.get("resources") or []
+    ]
+
+
+def identity_only(config):
+    """Whether the configuration encrypts nothing: every entry reads and writes plaintext only."""
+    return all(e.get("providers") == [{"identity": {}}] for e in (config or {}).get("resources") or [])
+
+
+def _is_kms(provider, name):
+    return ((provider or {}).get("kms") or {}).get("name") == name
+
+
 def _grouped(entries):
     """Resources that get the same providers share one entry, as an operator would write them."""
     grouped = []
@@ -154,7 +211,7 @@ def main():
     module = AnsibleModule(
         argument_spec={
             "path": {"type": "path", "required": True},
-            "state": {"type": "str", "default": "present", "choices": ["present", "inspect"]},
+            "state": {"type": "str", "default": "present", "choices": ["present", "inspect", "demoted", "absent"]},
             "existing": {"type": "path"},
             "resources": {"type": "list", "elements": "str", "default": ["secrets"]},
             "kms_name": {"type": "str"},
@@ -164,12 +221,18 @@ def main():
             "stamp": {"type": "str"},
             "root": {"type": "str", "default": ""},
         },
-        required_if=[("state", "present", ("kms_name", "endpoint", "backup_dir", "stamp"))],
+        required_if=[
+            ("state", "present", ("kms_name", "endpoint", "backup_dir", "stamp")),
+            ("state", "demoted", ("kms_name", "backup_dir", "stamp")),
+            ("state", "absent", ("kms_name", "backup_dir", "stamp")),
+        ],
         supports_check_mode=True,
     )
     params = module.params
     if params["state"] == "inspect":
         inspect(module, params)
+    if params["state"] in ("demoted", "absent"):
+        step_back(module, params)
     if not params["endpoint"].startswith("unix:///"):
         module.fail_json(msg="endpoint must be unix:///absolute/path.sock")
     source = params["path"] if os.path.exists(params["path"]) else params["existing"]
@@ -204,6 +267,39 @@ def main():
             "before": _redact_text(result["diff"]["before"]),
             "after": _redact_text(result["diff"]["after"]),
         }
+    module.exit_json(**result)
+
+
+def step_back(module, params):
+    """state demoted or absent: kleidi's provider moved last, or taken out, in the configuration at ``path``."""
+    path = params["path"]
+    try:
+        current = _load(path) if os.path.exists(path) else None
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        module.fail_json(msg=f"cannot read the encryption configuration: {exc}")
+    if current is None:  # no configuration: nothing of kleidi's to move or take out
+        module.exit_json(changed=False, path=path, written=[], kms_resources=[], identity_only=True)
+    wanted = (demote if params["state"] == "demoted" else remove)(current, params["kms_name"])
+    result = {
+        "changed": wanted != current,
+        "path": path,
+        "written": [],
+        "kms_resources": decrypting(wanted, params["kms_name"]),
+        "identity_only": identity_only(wanted),
+    }
+    if result["changed"]:
+        text = yaml.safe_dump(wanted, sort_keys=False)
+        before = yaml.safe_dump(current, sort_keys=False)
+        result["diff"] = {
+            "before": _redact_text(before),
+            "after": _redact_text(text),
+            "before_header": path,
+            "after_header": path,
+        }
+        if not module.check_mode:
+            saved = backup_file(module, path, params["backup_dir"], params["stamp"], params["root"])
+            write_file(module, path, text, mode=0o600)
+            result["written"] = [{"path": path, "backup": saved}]
     module.exit_json(**result)
 
 
