@@ -46,17 +46,23 @@ for d in "$dir"/*/; do
     *"$serial") tokdir=$name ;;
   esac
 done
-keys=0
+# "count" of the secret keys labelled like the KEK, then the labels of every secret key as a JSON list.
+keys=0 labels='[]'
 if [ "$pin" -eq 1 ]; then
   if objects=$(pkcs11-tool --module "$module" --token-label "$label" --login --pin env:KLEIDI_SOFTHSM_PIN \
       --list-objects --type secrkey 2>/dev/null); then
-    keys=$(printf '%s\n' "$objects" | awk -v want="$key" '
+    found=$(printf '%s\n' "$objects" | awk -v want="$key" '
       /^[^ ]/ { secret = ($0 ~ /^Secret Key Object/); next }
-      secret && $1 == "label:" { v = $0; sub(/^ *label: */, "", v); if (v == want) n++ }
-      END { print n + 0 }')
+      secret && $1 == "label:" {
+        v = $0; sub(/^ *label: */, "", v); if (v == want) n++
+        gsub(/\\/, "\\\\", v); gsub(/"/, "\\\"", v)
+        all = all (all == "" ? "" : ",") "\"" v "\""
+      }
+      END { print n + 0, "[" all "]" }')
+    keys=${found%% *} labels=${found#* }
   else
     keys=-1
   fi
 fi
-printf '{"path": "%s", "token": true, "serial": "%s", "dir": "%s", "pin_initialized": %s, "key_count": %s, "free_slot": "%s"}\n' \
-  "$dir" "$serial" "$tokdir" "$([ "$pin" -eq 1 ] && echo true || echo false)" "$keys" "$free"
+printf '{"path": "%s", "token": true, "serial": "%s", "dir": "%s", "pin_initialized": %s, "key_count": %s, "labels": %s, "free_slot": "%s"}\n' \
+  "$dir" "$serial" "$tokdir" "$([ "$pin" -eq 1 ] && echo true || echo false)" "$keys" "$labels" "$free"
