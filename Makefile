@@ -1,8 +1,10 @@
 # Two entry points for a newcomer: `make demo` and `make test`. Both install what they need first.
+# etcd-server and etcd-client: the tests start their own etcd on free ports (where systemd runs, the package also
+# enables one on 127.0.0.1:2379: `systemctl disable --now etcd` if you do not want it).
 SHELL := /bin/bash
 PYTHON ?= python3
 DEB_PACKAGES := softhsm2 opensc swtpm swtpm-tools tpm2-tools libtpm2-pkcs11-1 libtpm2-pkcs11-tools \
-	tpm2-abrmd libtss2-tcti-tabrmd0 dbus procps python3-venv python3-yaml
+	tpm2-abrmd libtss2-tcti-tabrmd0 dbus procps python3-venv python3-yaml etcd-server etcd-client
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The bin directory of $(PYTHON)'s environment (a venv's bin, or pyenv's versions/X/bin), where pip puts hadolint.
 PYTHON_BIN = $(shell dirname "$$($(PYTHON) -c 'import sys; print(sys.executable)')")
