@@ -1,0 +1,57 @@
+"""Control-plane node roots as site.yml leaves them, for the day-two playbooks' tests: the kubeadm files of
+tests/test_role_kleidi_apiserver.py, wired by the kleidi_apiserver role's own module functions (the same
+EncryptionConfiguration and manifest edits the role makes), and a real plugin serving on the node's socket."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.backends.softhsm import SoftHsm
+from tests.plugin import KleidiProcess
+from tests.role_modules import apiserver_module
+from tests.test_role_kleidi_apiserver import kubeadm_node
+from tests.test_role_kleidi_plugin_health import serve
+
+ENDPOINT = "unix:///run/kleidi/kleidi.sock"
+CONFIG = "/etc/kubernetes/encryption/config.yaml"
+
+
+def kms_provider(name: str = "kleidi", endpoint: str = ENDPOINT) -> dict[str, Any]:
+    return {"apiVersion": "v2", "name": name, "endpoint": endpoint, "timeout": "3s"}
+
+
+def wired_node(root: Path, resources: tuple[str, ...] = ("secrets",), version: str = "v1.31.4") -> Path:
+    """A kubeadm node (aescbc before kleidi) after site.yml: kms first, the flags and both mounts. Returns the
+    EncryptionConfiguration's host path."""
+    manifest = kubeadm_node(root, version)
+    enc = apiserver_module("kleidi_encryption_config")
+    pods = apiserver_module("kleidi_apiserver_manifest")
+    config = root / CONFIG.lstrip("/")
+    merged = enc.merge(yaml.safe_load(config.read_text()), list(resources), kms_provider())
+    config.write_text(yaml.safe_dump(merged, sort_keys=False))
+    pod = pods.apply(
+        yaml.safe_load(manifest.read_text()),
+        "kube-apiserver",
+        {"encryption-provider-config": CONFIG, "encryption-provider-config-automatic-reload": "true"},
+        [
+            {"name": "kleidi-encryption-config", "path": str(Path(CONFIG).parent), "read_only": True},
+            {"name": "kleidi-socket", "path": "/run/kleidi"},
+        ],
+        str(manifest),
+    )
+    manifest.write_text(yaml.safe_dump(pod, sort_keys=False))
+    (root / "run" / "kleidi").mkdir(parents=True, exist_ok=True)
+    return config
+
+
+def serve_plugin(stack: ExitStack, root: Path, hsm: SoftHsm) -> KleidiProcess:
+    """A real kleidi plugin on <root>/run/kleidi/kleidi.sock (the socket the EncryptionConfiguration names)."""
+    return serve(stack, root, hsm)
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
