@@ -20,8 +20,13 @@ START, END = "<!-- variables:start (python -m scripts.ansible_docs) -->", "<!-- 
 
 
 def role_options(role: Path) -> dict[str, dict[str, Any]]:
+    """The options of every entry point of the role (main first): a role used only through tasks_from has none."""
     spec = yaml.safe_load((role / "meta" / "argument_specs.yml").read_text(encoding="utf-8"))
-    options: dict[str, dict[str, Any]] = spec["argument_specs"]["main"].get("options") or {}
+    entries = spec["argument_specs"]
+    options: dict[str, dict[str, Any]] = {}
+    for name in sorted(entries, key=lambda entry: entry != "main"):
+        for option, settings in (entries[name].get("options") or {}).items():
+            options.setdefault(option, settings)
     return options
 
 
