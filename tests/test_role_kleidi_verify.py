@@ -4,6 +4,7 @@ nodes disagree. Two local nodes as site.yml leaves them (tests/kleidi_nodes.py),
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from contextlib import ExitStack
 from pathlib import Path
@@ -13,10 +14,12 @@ import yaml
 
 from tests.ansible_run import PlayResult, local_inventory, run_playbook
 from tests.backends.softhsm import SoftHsm
-from tests.kleidi_nodes import CONFIG, files, serve_plugin, wired_node
+from tests.kleidi_nodes import CONFIG, files, kms_provider, serve_plugin, wired_node
 from tests.plugin import REPO
+from tests.test_role_kleidi_apiserver import AESCBC_CONFIG
 
 PLAYBOOK = REPO / "playbooks" / "verify.yml"
+AESCBC = AESCBC_CONFIG["resources"][0]["providers"][0]
 
 
 def kleidi_node(root: Path, key_label: str = "kek-1") -> None:
@@ -165,3 +168,58 @@ def test_a_node_without_a_plugin_or_a_mount_is_a_problem(tmp_path: Path, roots: 
     assert "cp-2: the apiserver does not mount the socket directory /run/kleidi" in text
     assert "plugin: NOT healthy" in text
     assert "cp-1: no healthy plugin" not in text and "cp-1: the apiserver does not mount" not in text
+
+
+def rke2_node(root: Path) -> None:
+    """An RKE2 server after site.yml: kleidi's EncryptionConfiguration and the drop-in pointing the apiserver at it."""
+    kleidi_node(root)
+    shutil.rmtree(root / "etc/kubernetes")
+    config = root / "etc/rancher/rke2/kleidi/encryption-config.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "apiserver.config.k8s.io/v1",
+                "kind": "EncryptionConfiguration",
+                "resources": [{"resources": ["secrets"], "providers": [{"kms": kms_provider()}, AESCBC]}],
+            }
+        )
+    )
+    dropin = root / "etc/rancher/rke2/config.yaml.d/50-kleidi.yaml"
+    dropin.parent.mkdir(parents=True)
+    dropin.write_text(
+        "kube-apiserver-arg+:\n"
+        "  - encryption-provider-config=/etc/rancher/rke2/kleidi/encryption-config.yaml\n"
+        "  - encryption-provider-config-automatic-reload=true\n"
+        "kube-apiserver-extra-mount+:\n"
+        "  - /etc/rancher/rke2/kleidi:/etc/rancher/rke2/kleidi:ro\n"
+        "  - /run/kleidi:/run/kleidi\n"
+    )
+
+
+def test_rke2_nodes_are_read_from_kleidi_s_drop_in(tmp_path: Path) -> None:
+    roots = [tmp_path / "cp-1"]
+    rke2_node(roots[0])
+    hsm = SoftHsm(tmp_path / "hsm")
+    hsm.keygen("kek-1")
+    inventory = local_inventory(
+        tmp_path / "hosts.yml", {"cp-1": {"kleidi_node_root": str(roots[0]), "kleidi_distribution": "rke2"}}
+    )
+    with ExitStack() as stack:
+        serve_plugin(stack, roots[0], hsm)
+        result = run_playbook(PLAYBOOK, inventory).assert_unchanged()
+        text = " ".join(result.output.split())
+        assert (
+            "EncryptionConfiguration in force: /etc/rancher/rke2/kleidi/encryption-config.yaml: secrets: kms:kleidi > "
+            "aescbc"
+        ) in text
+        assert "apiserver (rke2): --encryption-provider-config=/etc/rancher/rke2/kleidi/encryption-config.yaml" in text
+        assert (
+            "apiserver mounts: configuration directory /etc/rancher/rke2/kleidi mounted; socket directory /run/kleidi "
+            "mounted"
+        ) in text
+        dropin = roots[0] / "etc/rancher/rke2/config.yaml.d/50-kleidi.yaml"
+        dropin.write_text(dropin.read_text().replace("  - /run/kleidi:/run/kleidi\n", ""))
+        result = run_playbook(PLAYBOOK, inventory)
+    assert result.returncode != 0
+    assert "cp-1: the apiserver does not mount the socket directory /run/kleidi" in " ".join(result.output.split())
