@@ -157,13 +157,19 @@ def test_an_older_run_is_never_rolled_back_underneath_a_newer_one_still_in_force
     assert choose.kleidi_rollback_choose({"cp-1": []})["done"]
 
 
-def test_only_a_finished_reencryption_under_kleidi_counts(tmp_path: Path) -> None:
+def test_only_the_last_finished_reencryption_under_kleidi_counts(tmp_path: Path) -> None:
     assert not choose.kleidi_rollback_reencrypted(str(tmp_path / "missing"), "kleidi")
     (tmp_path / "reencrypt-a.json").write_text('{"provider": "kleidi", "finished": null}')
     (tmp_path / "reencrypt-b.json").write_text('{"provider": "vendor", "finished": "2025-01-01T00:00:00Z"}')
     (tmp_path / "rotate.json").write_text('{"provider": "kleidi", "finished": "2025-01-01T00:00:00Z"}')
     assert not choose.kleidi_rollback_reencrypted(str(tmp_path), "kleidi")
     (tmp_path / "reencrypt-c.json").write_text('{"provider": "kleidi", "finished": "2025-01-02T00:00:00Z"}')
+    assert choose.kleidi_rollback_reencrypted(str(tmp_path), "kleidi")
+    # uninstall.yml's re-encryption away from kms, finished later, takes everything out from under it again.
+    away = '{"provider": "kleidi", "direction": "away", "finished": "2025-01-03T00:00:00Z"}'
+    (tmp_path / "reencrypt-d.json").write_text(away)
+    assert not choose.kleidi_rollback_reencrypted(str(tmp_path), "kleidi")
+    (tmp_path / "reencrypt-e.json").write_text('{"provider": "kleidi", "direction": "into", "finished": "2025-01-04"}')
     assert choose.kleidi_rollback_reencrypted(str(tmp_path), "kleidi")
 
 

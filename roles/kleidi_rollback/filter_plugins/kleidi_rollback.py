@@ -61,12 +61,14 @@ def kleidi_rollback_choose(runs_by_host, explicit=""):
 
 
 def kleidi_rollback_reencrypted(state_dir, provider):
-    """Whether the controller's state directory records a finished re-encryption under kms provider ``provider``
-    (kleidi_reencrypt keeps one reencrypt-<id>.json per run, with its provider and when it finished)."""
+    """Whether the controller's state directory says that everything stored is under kms provider ``provider``:
+    its last finished re-encryption (kleidi_reencrypt keeps one reencrypt-<id>.json per run, with its provider,
+    direction and when it finished) went into that provider, not away from it (uninstall.yml's way out)."""
     try:
         names = sorted(os.listdir(state_dir))
     except (FileNotFoundError, NotADirectoryError):
         return False
+    finished = []
     for name in names:
         if not (name.startswith("reencrypt-") and name.endswith(".json")):
             continue
@@ -75,11 +77,9 @@ def kleidi_rollback_reencrypted(state_dir, provider):
                 state = json.load(handle)
         except (OSError, ValueError) as exc:
             raise AnsibleFilterError(f"cannot read the re-encryption state {name} in {state_dir}: {exc}") from exc
-        if not isinstance(state, dict) or state.get("provider") != provider:
-            continue
-        if state.get("finished") or state.get("status") == "complete":
-            return True
-    return False
+        if isinstance(state, dict) and state.get("provider") == provider and state.get("finished"):
+            finished.append((str(state["finished"]), state.get("direction") or "into"))
+    return bool(finished) and max(finished)[1] != "away"
 
 
 class FilterModule:
