@@ -406,6 +406,14 @@ def damaged(cluster: Cluster, restored: PlayResult) -> Path:
     return token
 
 
+def test_check_mode_shows_the_restore_and_writes_nothing(cluster: Cluster, damaged: Path) -> None:
+    before = listing(cluster.root("cp-2"))
+    result = cluster.run("playbooks/restore.yml", "cp-1", "cp-2", args=("--check", "--limit", "cp-2")).assert_ok()
+    assert result.changed()["cp-2"] == 1
+    says(result, "cp-2: would be restored from")
+    assert listing(cluster.root("cp-2")) == before
+
+
 def test_a_wrong_passphrase_fails_clearly_and_writes_nothing(cluster: Cluster, damaged: Path) -> None:
     before = listing(cluster.root("cp-2"))
     result = cluster.run("playbooks/restore.yml", "cp-1", "cp-2", args=("--limit", "cp-2"), passphrase="x" * 20)
@@ -455,7 +463,7 @@ def test_a_damaged_token_is_replaced_and_kept_aside(cluster: Cluster, backup: Ba
     result = cluster.run("playbooks/restore.yml", "cp-1", "cp-2", args=("--limit", "cp-2")).assert_ok()
     says(result, "cp-2: restored from")
     says(result, "what it replaced is kept at")
-    [kept] = (cluster.root("cp-2") / "var/backups/kleidi").glob(f"*/{TOKENS}/{damaged.name}")
+    [kept] = (cluster.root("cp-2") / "var/backups/kleidi/.replaced-stores").glob(f"*/{TOKENS}/{damaged.name}")
     assert sorted(p.name for p in kept.iterdir()) == left
     assert (damaged / "token.object").is_file()
     cluster.kubelets["cp-2"].wait_serving()
