@@ -4,6 +4,7 @@ EncryptionConfiguration and manifest edits the role makes), and a real plugin se
 
 from __future__ import annotations
 
+import sys
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ def kms_provider(name: str = "kleidi", endpoint: str = ENDPOINT) -> dict[str, An
 
 
 def wired_node(root: Path, resources: tuple[str, ...] = ("secrets",), version: str = "v1.31.4") -> Path:
-    """A kubeadm node (aescbc before kleidi) after site.yml: kms first, the flags and both mounts. Returns the
+    """A kubeadm node (aescbc before kleidi) after site.yml: kms first, the flags and both mounts, and the kleidi
+    command where the role installs it (<root>/opt/kleidi/bin/kleidi, here the test's own). Returns the
     EncryptionConfiguration's host path."""
     manifest = kubeadm_node(root, version)
     enc = apiserver_module("kleidi_encryption_config")
@@ -45,6 +47,9 @@ def wired_node(root: Path, resources: tuple[str, ...] = ("secrets",), version: s
     )
     manifest.write_text(yaml.safe_dump(pod, sort_keys=False))
     (root / "run" / "kleidi").mkdir(parents=True, exist_ok=True)
+    venv = root / "opt/kleidi/bin"
+    venv.mkdir(parents=True)
+    (venv / "kleidi").symlink_to(Path(sys.executable).with_name("kleidi"))
     return config
 
 

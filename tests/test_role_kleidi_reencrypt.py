@@ -349,6 +349,9 @@ def test_the_playbook_rewrites_namespace_by_namespace_with_progress_and_resumes_
         assert "Re-encryption of beta did not finish: stopped: kubectl replace secrets b2 failed" in text
         assert "Run playbooks/reencrypt.yml again to resume" in text
         assert pending.exists(), "the pending record went before the re-encryption finished"
+        # Check mode names the run that would resume, and what is left of it.
+        text = " ".join(reencrypt(tmp_path, roots, cluster, "--check").assert_unchanged().output.split())
+        assert "6 objects of secrets, widgets.example.com in 3 units to re-encrypt (resuming run" in text
 
         resumed = reencrypt(tmp_path, roots, cluster).assert_ok()
         text = " ".join(resumed.output.split())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -23,7 +22,7 @@ AESCBC = AESCBC_CONFIG["resources"][0]["providers"][0]
 
 
 def kleidi_node(root: Path, key_label: str = "kek-1") -> None:
-    """Node files after site.yml: the wired apiserver, kleidi.yaml, the kleidi command, two backup runs."""
+    """Node files after site.yml: the wired apiserver and the kleidi command, kleidi.yaml, two backup runs."""
     wired_node(root)
     (root / "etc/kleidi").mkdir(parents=True)
     kleidi_yaml = {
@@ -32,9 +31,6 @@ def kleidi_node(root: Path, key_label: str = "kek-1") -> None:
         "pkcs11": {"module": "/usr/lib/softhsm/libsofthsm2.so", "token_label": "kleidi", "key_label": key_label},
     }
     (root / "etc/kleidi/kleidi.yaml").write_text(yaml.safe_dump(kleidi_yaml))
-    venv = root / "opt/kleidi/bin"
-    venv.mkdir(parents=True)
-    (venv / "kleidi").symlink_to(Path(sys.executable).with_name("kleidi"))
     for stamp in ("20250101T000000Z", "20250301T120000Z"):
         (root / "var/backups/kleidi" / stamp / "etc").mkdir(parents=True)
 

@@ -318,7 +318,9 @@ def plan_message(state: dict, pending: list[str]) -> str:
     if state["finished"]:
         return f"re-encryption run {state['run_id']} finished at {state['finished']}: nothing left to do"
     names = ", ".join(r["name"] for r in state["resources"])
-    objects = sum(state["units"][name]["objects"] for name in pending)
+    objects = sum(
+        max(state["units"][name]["objects"] - len(state["units"][name].get("done", [])), 0) for name in pending
+    )
     done = sum(unit["status"] == "done" for unit in state["units"].values())
     resuming = f" (resuming run {state['run_id']}: {done} units done before)" if done else ""
     return f"{objects} objects of {names} in {len(pending)} units to re-encrypt{resuming}"
