@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from tests.ansible_run import local_inventory
 from tests.backends.softhsm import SoftHsm
 from tests.plugin import KleidiProcess
 from tests.role_modules import apiserver_module
@@ -60,3 +61,40 @@ def serve_plugin(stack: ExitStack, root: Path, hsm: SoftHsm) -> KleidiProcess:
 
 def files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+APISERVER = {
+    "apiVersion": "v1",
+    "kind": "Pod",
+    "metadata": {"name": "kube-apiserver", "namespace": "kube-system"},
+    "spec": {
+        "containers": [
+            {
+                "name": "kube-apiserver",
+                "image": "registry.k8s.io/kube-apiserver:v1.31.4",
+                "command": ["kube-apiserver", "--advertise-address=127.0.0.1"],
+            }
+        ]
+    },
+}
+
+
+def bare_kubeadm_node(root: Path) -> None:
+    """What a kubeadm control-plane node has before kleidi (/etc, the apiserver's manifest), plus the kleidi command
+    where the kleidi_plugin role puts its virtualenv: this test's own, so no wheel is built."""
+    manifests = root / "etc/kubernetes/manifests"
+    manifests.mkdir(parents=True)
+    (manifests / "kube-apiserver.yaml").write_text(yaml.safe_dump(APISERVER))
+    (root / "opt/kleidi/bin").mkdir(parents=True)
+    (root / "opt/kleidi/bin/kleidi").symlink_to(Path(sys.executable).with_name("kleidi"))
+
+
+def nodes_inventory(base: Path, hosts: dict[str, dict[str, Any]]) -> Path:
+    """A local inventory of the nodes, on the system Python as a real node's, plus localhost (the controller)."""
+    system = {"ansible_python_interpreter": "/usr/bin/python3"}
+    (base / "inventory").mkdir(exist_ok=True)
+    inventory = local_inventory(base / "inventory" / "hosts.yml", {h: {**system, **v} for h, v in hosts.items()})
+    data = yaml.safe_load(inventory.read_text())
+    data["all"]["hosts"] = {"localhost": {"ansible_connection": "local", **system}}
+    inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+    return inventory

@@ -17,7 +17,6 @@ import hashlib
 import json
 import secrets
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.ansible_run import PlayResult, local_inventory, run_playbook
+from tests.ansible_run import PlayResult, run_playbook
+from tests.kleidi_nodes import bare_kubeadm_node, nodes_inventory
 from tests.kubelet import StaticPods, node_config, softhsm_env
 from tests.plugin import REPO, KleidiProcess
 
@@ -36,20 +36,6 @@ PIN = "pin-" + secrets.token_hex(8)
 SO_PIN = "so-" + secrets.token_hex(8)
 HOSTS = ("cp-1", "cp-2")
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
-APISERVER = {
-    "apiVersion": "v1",
-    "kind": "Pod",
-    "metadata": {"name": "kube-apiserver", "namespace": "kube-system"},
-    "spec": {
-        "containers": [
-            {
-                "name": "kube-apiserver",
-                "image": "registry.k8s.io/kube-apiserver:v1.31.4",
-                "command": ["kube-apiserver", "--advertise-address=127.0.0.1"],
-            }
-        ]
-    },
-}
 
 
 @dataclass
@@ -72,20 +58,10 @@ class Nodes:
         """What a kubeadm control-plane node has before kleidi: /etc, the apiserver's manifest; plus the kleidi
         command where the kleidi_plugin role puts its virtualenv (this test's own, so no wheel is built)."""
         for root in self.roots:
-            manifests = root / "etc/kubernetes/manifests"
-            manifests.mkdir(parents=True)
-            (manifests / "kube-apiserver.yaml").write_text(yaml.safe_dump(APISERVER))
-            (root / "opt/kleidi/bin").mkdir(parents=True)
-            (root / "opt/kleidi/bin/kleidi").symlink_to(Path(sys.executable).with_name("kleidi"))
+            bare_kubeadm_node(root)
 
     def play(self, playbook: Path, *args: str, **extra: Any) -> PlayResult:
-        system = {"ansible_python_interpreter": "/usr/bin/python3"}
-        hosts = {host: {**system, "kleidi_node_root": str(self.root(host))} for host in HOSTS}
-        (self.base / "inventory").mkdir(exist_ok=True)
-        inventory = local_inventory(self.base / "inventory" / "hosts.yml", hosts)
-        data = yaml.safe_load(inventory.read_text())
-        data["all"]["hosts"] = {"localhost": {"ansible_connection": "local", **system}}
-        inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+        inventory = nodes_inventory(self.base, {host: {"kleidi_node_root": str(self.root(host))} for host in HOSTS})
         variables = {"kleidi_softhsm_pin": PIN, "kleidi_softhsm_so_pin": SO_PIN, "kleidi_plugin_health_timeout": 30}
         result = run_playbook(playbook, inventory, *args, extra_vars={**variables, **extra})
         self.outputs.append(result.output)

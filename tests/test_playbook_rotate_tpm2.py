@@ -13,7 +13,6 @@ import json
 import os
 import secrets
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,12 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.ansible_run import PlayResult, local_inventory, run_playbook
+from tests.ansible_run import PlayResult, run_playbook
 from tests.backends.tpm import SoftwareTPM
+from tests.kleidi_nodes import bare_kubeadm_node, nodes_inventory
 from tests.kubelet import StaticPods
 from tests.plugin import REPO
-from tests.test_playbook_rotate import APISERVER, said
+from tests.test_playbook_rotate import said
 
 INSTALL = REPO / "tests" / "playbooks" / "kleidi_install.yml"
 ROTATE = REPO / "playbooks" / "rotate.yml"
@@ -39,10 +39,7 @@ class TpmNode:
     def __init__(self, base: Path, tpm: SoftwareTPM) -> None:
         self.base, self.tpm = base, tpm
         self.root = base / "nodes" / "cp-1"
-        (self.root / "etc/kubernetes/manifests").mkdir(parents=True)
-        (self.root / "etc/kubernetes/manifests/kube-apiserver.yaml").write_text(yaml.safe_dump(APISERVER))
-        (self.root / "opt/kleidi/bin").mkdir(parents=True)
-        (self.root / "opt/kleidi/bin/kleidi").symlink_to(Path(sys.executable).with_name("kleidi"))
+        bare_kubeadm_node(self.root)
 
     def env(self, root: Path) -> dict[str, str]:
         """What the plugin's container gets from the fact's env, with the store under the node root."""
@@ -56,18 +53,11 @@ class TpmNode:
 
     def play(self, playbook: Path, *args: str, **extra: Any) -> PlayResult:
         node = {
-            "ansible_python_interpreter": "/usr/bin/python3",
             "kleidi_node_root": str(self.root),
             "kleidi_tpm2_tcti": TCTI,
             "kleidi_tpm2_env": {"DBUS_SESSION_BUS_ADDRESS": self.tpm.dbus_address},
         }
-        (self.base / "inventory").mkdir(exist_ok=True)
-        inventory = local_inventory(self.base / "inventory" / "hosts.yml", {"cp-1": node})
-        data = yaml.safe_load(inventory.read_text())
-        data["all"]["hosts"] = {
-            "localhost": {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3"}
-        }
-        inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+        inventory = nodes_inventory(self.base, {"cp-1": node})
         variables = {
             "kleidi_backend_role": "kleidi_tpm2",
             "kleidi_tpm2_pin": PIN,

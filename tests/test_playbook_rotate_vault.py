@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,13 +17,13 @@ from typing import Any
 
 import pytest
 import requests
-import yaml
 
-from tests.ansible_run import PlayResult, local_inventory, run_playbook
+from tests.ansible_run import PlayResult, run_playbook
 from tests.backends.openbao import OpenBao, shared_dev_server
+from tests.kleidi_nodes import bare_kubeadm_node, nodes_inventory
 from tests.kubelet import StaticPods
 from tests.plugin import REPO
-from tests.test_playbook_rotate import APISERVER, said
+from tests.test_playbook_rotate import said
 from tests.test_role_kleidi_vault import Names, admin_policy
 
 INSTALL = REPO / "tests" / "playbooks" / "kleidi_install.yml"
@@ -53,19 +52,10 @@ class VaultNodes:
         self.server.client().sys.create_or_update_policy(f"kleidi-admin-{n.tag}", policy)
         self.admin = self.server.token([f"kleidi-admin-{n.tag}"], ttl="1h")
         for root in self.roots:
-            (root / "etc/kubernetes/manifests").mkdir(parents=True)
-            (root / "etc/kubernetes/manifests/kube-apiserver.yaml").write_text(yaml.safe_dump(APISERVER))
-            (root / "opt/kleidi/bin").mkdir(parents=True)
-            (root / "opt/kleidi/bin/kleidi").symlink_to(Path(sys.executable).with_name("kleidi"))
+            bare_kubeadm_node(root)
 
     def play(self, playbook: Path, *args: str, **extra: Any) -> PlayResult:
-        system = {"ansible_python_interpreter": "/usr/bin/python3"}
-        hosts = {host: {**system, "kleidi_node_root": str(self.root(host))} for host in HOSTS}
-        (self.base / "inventory").mkdir(exist_ok=True)
-        inventory = local_inventory(self.base / "inventory" / "hosts.yml", hosts)
-        data = yaml.safe_load(inventory.read_text())
-        data["all"]["hosts"] = {"localhost": {"ansible_connection": "local", **system}}
-        inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+        inventory = nodes_inventory(self.base, {host: {"kleidi_node_root": str(self.root(host))} for host in HOSTS})
         variables = {
             "kleidi_backend_role": "kleidi_vault",
             "kleidi_vault_address": self.server.address,
