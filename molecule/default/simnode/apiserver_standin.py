@@ -32,7 +32,7 @@ from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
 import encryption_config
-from kms_health import EnvelopeMetrics, KmsChecks, Timing, get_hash, go_float
+from kms_health import EnvelopeMetrics, KmsChecks, Timing, family, get_hash, go_float
 
 log = logging.getLogger("kube-apiserver")
 
@@ -287,35 +287,36 @@ class StandIn:
         it has a series."""
         lines: list[str] = []
         identity = f'apiserver_id_hash="{get_hash(self.apiserver_id)}"'
-        last = "apiserver_encryption_config_controller_automatic_reload_last_timestamp_seconds"
         if self.metrics.last:
-            lines += [
-                f"# HELP {last} [ALPHA] Timestamp of the last successful or failed automatic reload of encryption "
-                "configuration split by apiserver identity.",
-                f"# TYPE {last} gauge",
-            ]
-            lines += [
-                f'{last}{{{identity},status="{status}"}} {go_float(stamp)}'
-                for status, stamp in sorted(self.metrics.last.items())
-            ]
-        total = "apiserver_encryption_config_controller_automatic_reloads_total"
-        if self.metrics.counts:
-            lines += [
-                f"# HELP {total} [ALPHA] Total number of reload successes and failures of encryption configuration "
+            lines += family(
+                "apiserver_encryption_config_controller_automatic_reload_last_timestamp_seconds",
+                "[ALPHA] Timestamp of the last successful or failed automatic reload of encryption configuration "
                 "split by apiserver identity.",
-                f"# TYPE {total} counter",
-            ]
-            lines += [
-                f'{total}{{{identity},status="{status}"}} {count}'
-                for status, count in sorted(self.metrics.counts.items())
-            ]
+                "gauge",
+                [
+                    (f'{identity},status="{status}"', go_float(stamp))
+                    for status, stamp in sorted(self.metrics.last.items())
+                ],
+            )
+        if self.metrics.counts:
+            lines += family(
+                "apiserver_encryption_config_controller_automatic_reloads_total",
+                "[ALPHA] Total number of reload successes and failures of encryption configuration split by apiserver "
+                "identity.",
+                "counter",
+                [
+                    (f'{identity},status="{status}"', str(count))
+                    for status, count in sorted(self.metrics.counts.items())
+                ],
+            )
         lines += self.envelope_metrics.lines()
         # The Go process collector's gauge: how a client tells that the apiserver restarted after a change.
-        lines += [
-            "# HELP process_start_time_seconds Start time of the process since unix epoch in seconds.",
-            "# TYPE process_start_time_seconds gauge",
-            f"process_start_time_seconds {go_float(PROCESS_START)}",
-        ]
+        lines += family(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            "gauge",
+            [("", go_float(PROCESS_START))],
+        )
         return "\n".join(lines) + "\n"
 
 

@@ -145,28 +145,36 @@ class EnvelopeMetrics:
             status, invalid = sorted(self._status.items()), sorted(self._invalid.items())
         lines: list[str] = []
         if invalid:
-            name = "apiserver_envelope_encryption_invalid_key_id_from_status_total"
-            lines += [
-                f"# HELP {name} [ALPHA] Number of times an invalid keyID is returned by the Status RPC call split by "
-                "error.",
-                f"# TYPE {name} counter",
-            ]
-            lines += [
-                f'{name}{{error="{_label(code)}",provider_name="{_label(provider)}"}} {count}'
-                for (provider, code), count in sorted(invalid, key=lambda item: (item[0][1], item[0][0]))
-            ]
+            lines += family(
+                "apiserver_envelope_encryption_invalid_key_id_from_status_total",
+                "[ALPHA] Number of times an invalid keyID is returned by the Status RPC call split by error.",
+                "counter",
+                [
+                    (f'error="{_label(code)}",provider_name="{_label(provider)}"', str(count))
+                    for (provider, code), count in sorted(invalid, key=lambda item: (item[0][1], item[0][0]))
+                ],
+            )
         if status:
-            name = "apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds"
-            lines += [
-                f"# HELP {name} [ALPHA] The last time in seconds when a keyID was returned by the Status RPC call.",
-                f"# TYPE {name} gauge",
-            ]
-            lines += [
-                f'{name}{{apiserver_id_hash="{self.apiserver_id_hash}",key_id_hash="{key_hash}",'
-                f'provider_name="{_label(provider)}"}} {go_float(stamp)}'
-                for (provider, key_hash), stamp in sorted(status, key=lambda item: (item[0][1], item[0][0]))
-            ]
+            lines += family(
+                "apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds",
+                "[ALPHA] The last time in seconds when a keyID was returned by the Status RPC call.",
+                "gauge",
+                [
+                    (
+                        f'apiserver_id_hash="{self.apiserver_id_hash}",key_id_hash="{key_hash}",'
+                        f'provider_name="{_label(provider)}"',
+                        go_float(stamp),
+                    )
+                    for (provider, key_hash), stamp in sorted(status, key=lambda item: (item[0][1], item[0][0]))
+                ],
+            )
         return lines
+
+
+def family(name: str, help_text: str, kind: str, samples: list[tuple[str, str]]) -> list[str]:
+    """One metric family in the text exposition: HELP, TYPE, then a line per (labels, value); no labels, no braces."""
+    lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    return lines + [f"{name}{{{labels}}} {value}" if labels else f"{name} {value}" for labels, value in samples]
 
 
 class ProbeError(Exception):
