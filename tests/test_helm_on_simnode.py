@@ -40,6 +40,7 @@ from scripts.values_doc import load_values
 from tests.helm import CHART, render
 from tests.plugin import REPO, free_port
 from tests.role_modules import pod_filters
+from tests.test_simnode import agent, stop_agent
 
 AGENT = REPO / "molecule" / "default" / "simnode" / "node_agent.py"
 SOFTHSM_VALUES = CHART / "ci" / "softhsm-values.yaml"
@@ -137,16 +138,6 @@ def image() -> Iterator[Image]:
 
 
 # -- the node ---------------------------------------------------------------------------------------------------
-def agent(*args: str, check: bool = True, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, str(AGENT), *args],
-        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False,
-    )  # fmt: skip
-    if check and done.returncode != 0:
-        raise AssertionError(f"node_agent {args[0]} failed ({done.returncode}): {done.stdout}{done.stderr}")
-    return done
-
-
 class Node:
     """A simulated control-plane node: its root, its agent's state dir, and what the test ran on it."""
 
@@ -225,10 +216,7 @@ def node(image: Image) -> Iterator[Node]:
     try:
         yield made
     finally:
-        stopped = agent("stop", "--state-dir", str(made.state), check=False)
-        left = [pid for pid in made.pids if Path(f"/proc/{pid}").exists()]
-        for pid in left:
-            os.kill(pid, 9)
+        stopped, left = stop_agent(made.state, made.pids)
         shutil.rmtree(base, ignore_errors=True)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
         assert not left, f"pod processes outlived `stop`: {left}"

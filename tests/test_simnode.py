@@ -38,11 +38,24 @@ PKI = SIMNODE / "pki.py"
 UID, GID = 10001, 10002
 
 
-def agent(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([sys.executable, str(AGENT), *args], capture_output=True, text=True, timeout=90, check=False)
+def agent(*args: str, check: bool = True, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run(
+        [sys.executable, str(AGENT), *args],
+        stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
     if check and done.returncode != 0:
         raise AssertionError(f"node_agent {args[0]} failed ({done.returncode}): {done.stdout}{done.stderr}")
     return done
+
+
+def stop_agent(state: Path, pids: set[int]) -> tuple[subprocess.CompletedProcess[str], list[int]]:
+    """Stop a node's agent, then kill the pod processes it left behind (returned), so that a failed test leaves
+    nothing running."""
+    stopped = agent("stop", "--state-dir", str(state), check=False)
+    left = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    for pid in left:
+        os.kill(pid, 9)
+    return stopped, left
 
 
 class Node:
@@ -97,10 +110,7 @@ def node() -> Iterator[Node]:
     try:
         yield made
     finally:
-        stopped = agent("stop", "--state-dir", str(made.state), check=False)
-        left = [pid for pid in made.pids if Path(f"/proc/{pid}").exists()]
-        for pid in left:
-            os.kill(pid, 9)
+        stopped, left = stop_agent(made.state, made.pids)
         host_left = made.host.exists()
         if host_left:
             subprocess.run(["umount", "-R", "-l", str(made.host)], capture_output=True, check=False)
