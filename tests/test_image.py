@@ -143,7 +143,7 @@ def build_context_tree(target: Path) -> None:
 def test_every_path_the_containerfile_copies_is_in_the_build_context() -> None:
     copies = context_copies()
     sources = [source for sources, _, _ in copies for source in sources]
-    assert sources == ["pyproject.toml", "README.md", "kleidi/"]
+    assert sources == ["pyproject.toml", "README.md", "LICENSE", "kleidi/"]
     for source in sources:
         assert (REPO / source).exists(), source
         assert sent_to_engine(source.rstrip("/")), f".dockerignore keeps {source} out of the build context"
@@ -184,6 +184,9 @@ def test_the_copied_files_build_a_wheel_with_the_package_its_api_and_the_kleidi_
     assert re.search(r"^\[console_scripts\]\s*^kleidi = kleidi\.cli:main$", text, re.MULTILINE), text
     metadata = image_wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "Requires-Dist: PyKCS11" in metadata
+    assert "License-Expression: Apache-2.0" in metadata
+    license_file = next(n for n in names if n.endswith(".dist-info/licenses/LICENSE"))
+    assert image_wheel.read(license_file) == (REPO / "LICENSE").read_bytes()
 
 
 # (b) the user, the command and the mount points
