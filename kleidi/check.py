@@ -1,5 +1,5 @@
 """`kleidi check`: exercise a running plugin the way the kube-apiserver does and report every violation
-of shared/kms-contract.md. Works against any KMS v2 plugin, not only kleidi."""
+of docs/kms-contract.md. Works against any KMS v2 plugin, not only kleidi."""
 
 from __future__ import annotations
 

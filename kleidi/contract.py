@@ -1,4 +1,4 @@
-"""The limits the kube-apiserver enforces on a KMS plugin's answers (shared/kms-contract.md).
+"""The limits the kube-apiserver enforces on a KMS plugin's answers (docs/kms-contract.md).
 
 One place for them: the server checks its own answers and its inputs here, and `kleidi check`
 checks a running plugin's answers with the same functions."""

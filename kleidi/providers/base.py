@@ -26,7 +26,7 @@ class Wrapped:
 class Provider(Protocol):
     """A key-encryption-key backend.
 
-    Contract (shared/kms-contract.md):
+    Contract (docs/kms-contract.md):
     - ``key_id()`` names the KEK new encryptions use; stable while the KEK is the same,
       different for a different key, never reused. It is answered from memory.
     - ``encrypt`` returns a ``Wrapped`` whose key_id equals ``key_id()`` at the time of the call.
