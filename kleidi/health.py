@@ -24,7 +24,6 @@ class HealthState:
     ok: bool
     reason: str
     key_id: str
-    checked_at: float
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -45,7 +44,7 @@ class HealthMonitor:
         self._hung_after = hung_after
         self._running_since: float | None = None
         self._metrics = metrics
-        self._state = HealthState(False, "starting: first backend check pending", "", 0.0)
+        self._state = HealthState(False, "starting: first backend check pending", "")
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._first = threading.Event()
@@ -60,10 +59,7 @@ class HealthMonitor:
             state = self._state
             self._metrics.healthy.set(0)  # the next finished check sets it again
             return HealthState(
-                False,
-                f"backend check has not returned for {time.monotonic() - since:.0f}s",
-                state.key_id,
-                state.checked_at,
+                False, f"backend check has not returned for {time.monotonic() - since:.0f}s", state.key_id
             )
         return self._state
 
@@ -88,10 +84,10 @@ class HealthMonitor:
         started = self._running_since = time.monotonic()
         try:
             self._provider.check()
-            state = HealthState(True, "ok", self._provider.key_id(), time.time())
+            state = HealthState(True, "ok", self._provider.key_id())
         except Exception as exc:  # every failure, even a bug, must show as unhealthy, not kill the loop
             reason = describe_failure(exc)
-            state = HealthState(False, reason, self._safe_key_id(), time.time())
+            state = HealthState(False, reason, self._safe_key_id())
             if not isinstance(exc, KleidiError):
                 log.error("health check crashed", exc_info=True)
         previous = self._state

@@ -13,7 +13,7 @@ from typing import Any
 from kleidi.config import VaultConfig, read_secret
 from kleidi.errors import AuthFailed, BackendUnavailable, ConfigError, KleidiError
 from kleidi.observability import Metrics
-from kleidi.providers.vault_http import Reply, VaultHttp
+from kleidi.providers.vault_http import VaultHttp
 
 log = logging.getLogger("kleidi.vault")
 
@@ -81,10 +81,6 @@ class VaultAuth:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._maintain, name="kleidi-vault-token", daemon=True)
-
-    @property
-    def method(self) -> str:
-        return self._method
 
     def start(self) -> None:
         self._thread.start()
@@ -335,4 +331,4 @@ class _Fixed:
         return False
 
 
-__all__ = ["DEFAULT_MOUNTS", "Reply", "VaultAuth", "VaultToken"]
+__all__ = ["DEFAULT_MOUNTS", "VaultAuth", "VaultToken"]
