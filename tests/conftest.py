@@ -1,4 +1,5 @@
-"""Fixtures shared by every test module: a SoftHSM2 token and a kleidi process serving it."""
+"""Fixtures shared by every test module (a SoftHSM2 token and a kleidi process serving it), and the check that
+every test is marked unit or integration."""
 
 from __future__ import annotations
 
@@ -9,6 +10,19 @@ import pytest
 
 from tests.backends.softhsm import SoftHsm
 from tests.plugin import KleidiProcess
+
+# Every test is one of these (pyproject.toml describes them; `make unit` runs the first kind).
+KINDS = ("unit", "integration")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects anything, so every test is checked on every run
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    wrong = [item.nodeid for item in items if sum(item.get_closest_marker(kind) is not None for kind in KINDS) != 1]
+    if wrong:
+        raise pytest.UsageError(
+            "every test needs exactly one of the markers unit and integration (a module's pytestmark or the "
+            "test's own); these have none or both:\n  " + "\n  ".join(wrong)
+        )
 
 
 def pkcs11_config(hsm: SoftHsm, key_label: str = "kek-1", **pkcs11: object) -> dict[str, object]:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from scripts import ansible_docs
 from tests.plugin import REPO
+
+pytestmark = pytest.mark.unit
 
 ROLES = sorted(path for path in (REPO / "roles").iterdir() if path.is_dir())
 

@@ -8,6 +8,8 @@ import pytest
 
 from tests.role_modules import apiserver_module
 
+pytestmark = pytest.mark.unit
+
 enc = apiserver_module("kleidi_encryption_config")
 manifest = apiserver_module("kleidi_apiserver_manifest")
 

@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tests.role_modules import ROLES, load
 
+pytestmark = pytest.mark.unit
+
 FAST = {"n": 1 << 10, "r": 8, "p": 1}  # scrypt cheap enough for unit tests; the role's default is N=2^16
 
 

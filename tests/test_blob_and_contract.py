@@ -8,6 +8,8 @@ from kleidi import contract
 from kleidi.errors import InvalidInput
 from kleidi.providers.pkcs11_blob import KeyRef, parse
 
+pytestmark = pytest.mark.unit
+
 GCM = KeyRef("aes-gcm", ("kek-1",), bytes(range(8)))
 CBC = KeyRef("aes-cbc-hmac", ("kek-1", "mac-1"), bytes(range(8, 16)))
 

@@ -30,12 +30,14 @@ def _committed_schema() -> dict[str, Any]:
     return schema
 
 
+@pytest.mark.unit
 def test_committed_schema_is_what_the_generator_writes() -> None:
     assert chart_files.SCHEMA.read_text(encoding="utf-8") == chart_files.render_schema(), (
         "run: python -m scripts.chart_files"
     )
 
 
+@pytest.mark.unit
 def test_readme_values_table_is_what_the_generator_writes() -> None:
     page = chart_files.README.read_text(encoding="utf-8")
     assert page == chart_files.render_readme(page), "run: python -m scripts.chart_files"
@@ -43,6 +45,7 @@ def test_readme_values_table_is_what_the_generator_writes() -> None:
     assert "docs/helm.md" in page
 
 
+@pytest.mark.unit
 def test_readme_has_a_row_for_every_documented_leaf_value() -> None:
     page = chart_files.README.read_text(encoding="utf-8")
     table = page.split(chart_files.BEGIN)[1].split(chart_files.END)[0]
@@ -76,6 +79,7 @@ def _assert_section_matches(section: type[BaseModel], node: dict[str, Any], path
             _assert_section_matches(inner, sub, f"{path}.{name}")
 
 
+@pytest.mark.unit
 def test_schema_config_lists_exactly_the_models_settings_with_its_choices() -> None:
     config = _committed_schema()["properties"]["config"]
     _assert_section_matches(kleidi_config.Config, config, "config")
@@ -83,6 +87,7 @@ def test_schema_config_lists_exactly_the_models_settings_with_its_choices() -> N
     assert config["properties"]["pkcs11"]["properties"]["token_label"]["maxLength"] == 32
 
 
+@pytest.mark.unit
 def test_schema_describes_every_value_with_its_values_yaml_description() -> None:
     schema = _committed_schema()
     assert schema["additionalProperties"] is False
@@ -94,6 +99,7 @@ def test_schema_describes_every_value_with_its_values_yaml_description() -> None
         assert node["description"] == text, path
 
 
+@pytest.mark.unit
 def test_default_values_validate_against_the_schema() -> None:
     validator = jsonschema.Draft7Validator(_committed_schema())
     validator.check_schema(validator.schema)
@@ -197,6 +203,7 @@ def _model_accepts(values: dict[str, Any]) -> bool:
     return True
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("changes", "accepted"), CASES, ids=[json.dumps(changes) for changes, _ in CASES])
 def test_schema_and_model_agree_on_the_section_the_provider_names(changes: dict[str, Any], accepted: bool) -> None:
     values = _values_with(changes)
@@ -205,6 +212,7 @@ def test_schema_and_model_agree_on_the_section_the_provider_names(changes: dict[
     assert (errors == []) is accepted, errors
 
 
+@pytest.mark.unit
 def test_a_section_the_provider_does_not_name_is_still_checked_but_may_be_left_blank() -> None:
     validator = jsonschema.Draft7Validator(_committed_schema())
     assert validator.is_valid(_values_with({"config.vault.address": ""}))
@@ -212,6 +220,7 @@ def test_a_section_the_provider_does_not_name_is_still_checked_but_may_be_left_b
     assert not validator.is_valid(_values_with({"config.vault.auth.method": "ldap"}))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("values", "accepted"),
     [
@@ -252,6 +261,7 @@ def _lint(*set_values: str) -> tuple[int, str]:
     return result.returncode, result.stdout + result.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     ("set_values", "error"),
     [
@@ -268,6 +278,7 @@ def test_helm_refuses_values_the_schema_refuses(set_values: list[str], error: st
     assert SCHEMA_ERROR in output and error in output, output
 
 
+@pytest.mark.integration
 def test_helm_accepts_global_values_and_a_vault_with_an_address() -> None:
     code, output = _lint("global.foo=bar")
     assert code == 0, output

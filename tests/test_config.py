@@ -10,6 +10,8 @@ import pytest
 from kleidi.config import load, parse_duration
 from kleidi.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 
 

@@ -22,6 +22,8 @@ from tests.helm import CHART, helm, render
 from tests.plugin import KleidiProcess
 from tests.role_modules import pod_filters
 
+pytestmark = pytest.mark.integration
+
 pod = pod_filters()
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 KUBERNETES_VERSIONS = ("1.29", "1.31", "1.33")

@@ -42,6 +42,8 @@ from tests.plugin import REPO, free_port
 from tests.role_modules import pod_filters
 from tests.test_simnode import agent, stop_agent
 
+pytestmark = pytest.mark.integration
+
 AGENT = REPO / "molecule" / "default" / "simnode" / "node_agent.py"
 SOFTHSM_VALUES = CHART / "ci" / "softhsm-values.yaml"
 NODE_NAME = "cp-helm"

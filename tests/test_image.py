@@ -140,6 +140,7 @@ def build_context_tree(target: Path) -> None:
 # (a) the build context
 
 
+@pytest.mark.unit
 def test_every_path_the_containerfile_copies_is_in_the_build_context() -> None:
     copies = context_copies()
     sources = [source for sources, _, _ in copies for source in sources]
@@ -170,6 +171,7 @@ def image_wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
     return zipfile.ZipFile(wheels[0])
 
 
+@pytest.mark.integration
 def test_the_copied_files_build_a_wheel_with_the_package_its_api_and_the_kleidi_command(
     image_wheel: zipfile.ZipFile,
 ) -> None:
@@ -192,6 +194,7 @@ def test_the_copied_files_build_a_wheel_with_the_package_its_api_and_the_kleidi_
 # (b) the user, the command and the mount points
 
 
+@pytest.mark.unit
 def test_the_image_user_is_the_charts_securitycontext_user() -> None:
     context = load_values()["securityContext"]
     uid, gid = context["runAsUser"], context["runAsGroup"]
@@ -206,6 +209,7 @@ def test_the_image_user_is_the_charts_securitycontext_user() -> None:
         assert override.get("runAsGroup", gid) == gid, values_file.name
 
 
+@pytest.mark.integration
 def test_the_charts_commands_run_in_the_image_without_an_entrypoint_and_its_mount_points_exist() -> None:
     final = final_stage()
     assert final.all("ENTRYPOINT") == []
@@ -240,11 +244,13 @@ def hadolint(path: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.unit
 def test_hadolint_passes_the_containerfile() -> None:
     done = hadolint(CONTAINERFILE)
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.unit
 def test_hadolint_rules_ignored_in_the_containerfile_are_only_the_unpinned_debian_versions(tmp_path: Path) -> None:
     text = CONTAINERFILE.read_text()
     ignored = set(re.findall(r"^# hadolint ignore=(\S+)$", text, re.MULTILINE))
@@ -320,6 +326,7 @@ def dependency_closure(packages: set[str]) -> set[str]:
     return seen
 
 
+@pytest.mark.integration  # about 2 s of dpkg-query and dpkg -S calls
 def test_the_final_stage_installs_the_packages_holding_every_module_and_tool_the_chart_names() -> None:
     installed = installed_in_final_stage()
     assert {"softhsm2", "opensc", "libtpm2-pkcs11-1", "libtss2-tcti-tabrmd0"} <= installed
@@ -331,6 +338,7 @@ def test_the_final_stage_installs_the_packages_holding_every_module_and_tool_the
         assert owners & closure, f"{path} comes from {sorted(owners)}, which the Containerfile does not install"
 
 
+@pytest.mark.unit
 def test_build_tools_stay_in_the_build_stage() -> None:
     assert not installed_in_final_stage() & {"g++", "gcc", "swig", "build-essential"}
     build = stages()[0]

@@ -8,7 +8,11 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
+
 from tests.role_modules import ROLES, load
+
+pytestmark = pytest.mark.unit
 
 files = load(ROLES / "kleidi" / "module_utils" / "kleidi_files.py", "ansible.module_utils.kleidi_files")
 

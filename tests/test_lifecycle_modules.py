@@ -14,6 +14,8 @@ import yaml
 
 from tests.role_modules import ROLES, apiserver_module, load
 
+pytestmark = pytest.mark.unit
+
 enc = apiserver_module("kleidi_encryption_config")
 manifest = apiserver_module("kleidi_apiserver_manifest")
 files = load(ROLES / "kleidi" / "module_utils" / "kleidi_files.py", "ansible.module_utils.kleidi_files")

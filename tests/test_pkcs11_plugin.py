@@ -16,6 +16,8 @@ from tests.backends.softhsm import SoftHsm
 from tests.conftest import pkcs11_config
 from tests.plugin import KleidiProcess, wait_for
 
+pytestmark = pytest.mark.integration
+
 
 def _code(call: object) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as info:

@@ -21,6 +21,8 @@ from kleidi.providers.pkcs11_blob import parse
 from kleidi.providers.pkcs11_direct import Direct
 from tests.backends.softhsm import SoftHsm
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def hsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> SoftHsm:

@@ -39,6 +39,8 @@ from tests.ansible_run import PlayResult, local_inventory, run_playbook
 from tests.plugin import REPO, KleidiProcess
 from tests.test_role_tpm2 import CmdlineWatch
 
+pytestmark = pytest.mark.integration
+
 PIN = "pin-" + secrets.token_hex(8)
 SO_PIN = "so-" + secrets.token_hex(8)
 PASSPHRASE = "backup-" + secrets.token_hex(12)

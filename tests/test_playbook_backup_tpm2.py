@@ -25,6 +25,8 @@ from tests.backends.tpm import SoftwareTPM
 from tests.plugin import KleidiProcess
 from tests.test_playbook_backup import Kubelet, listing, open_backup, says
 
+pytestmark = pytest.mark.integration
+
 PIN = "pin-" + secrets.token_hex(8)
 SO_PIN = "so-" + secrets.token_hex(8)
 PASSPHRASE = "backup-" + secrets.token_hex(12)

@@ -5,9 +5,13 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from kleidi import __version__
 from tests.ansible_run import local_inventory, run_playbook
 from tests.plugin import REPO
+
+pytestmark = pytest.mark.integration
 
 
 def test_cli_installs_only_the_kleidi_command_and_a_second_run_changes_nothing(tmp_path: Path) -> None:

@@ -30,6 +30,8 @@ from tests.kleidi_nodes import bare_kubeadm_node, nodes_inventory
 from tests.kubelet import StaticPods, node_config, softhsm_env
 from tests.plugin import REPO, KleidiProcess
 
+pytestmark = pytest.mark.integration
+
 INSTALL = REPO / "tests" / "playbooks" / "kleidi_install.yml"
 ROTATE = REPO / "playbooks" / "rotate.yml"
 PIN = "pin-" + secrets.token_hex(8)

@@ -27,6 +27,8 @@ from tests.kubelet import StaticPods
 from tests.plugin import REPO
 from tests.test_playbook_rotate import said
 
+pytestmark = pytest.mark.integration
+
 INSTALL = REPO / "tests" / "playbooks" / "kleidi_install.yml"
 ROTATE = REPO / "playbooks" / "rotate.yml"
 PTOOL = REPO / "roles" / "kleidi_tpm2" / "files" / "ptool.py"

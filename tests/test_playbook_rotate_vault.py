@@ -26,6 +26,8 @@ from tests.plugin import REPO
 from tests.test_playbook_rotate import said
 from tests.test_role_kleidi_vault import Names, admin_policy
 
+pytestmark = pytest.mark.integration
+
 INSTALL = REPO / "tests" / "playbooks" / "kleidi_install.yml"
 ROTATE = REPO / "playbooks" / "rotate.yml"
 HOSTS = ("cp-1", "cp-2")

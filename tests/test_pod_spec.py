@@ -7,6 +7,7 @@ import copy
 from typing import Any
 
 import kubernetes_validate
+import pytest
 import yaml
 
 from kleidi import config as kleidi_config
@@ -14,6 +15,8 @@ from scripts import argument_specs
 from scripts.values_doc import load_values
 from tests.plugin import REPO
 from tests.role_modules import pod_filters
+
+pytestmark = pytest.mark.unit
 
 pod = pod_filters()
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.ansible_run import local_inventory, run_playbook
 from tests.plugin import REPO
+
+pytestmark = pytest.mark.integration
 
 PLAYBOOK = REPO / "tests" / "playbooks" / "kleidi_apiserver.yml"
 AESCBC_CONFIG = {

@@ -15,6 +15,8 @@ from tests.backends.softhsm import SoftHsm
 from tests.conftest import pkcs11_config
 from tests.plugin import REPO, KleidiProcess
 
+pytestmark = pytest.mark.integration
+
 PLAYBOOK = REPO / "tests" / "playbooks" / "kleidi_plugin_health.yml"
 
 

@@ -21,6 +21,8 @@ from tests.backends.softhsm import SoftHsm
 from tests.kleidi_nodes import files, kms_provider, serve_plugin, wired_node
 from tests.plugin import REPO
 
+pytestmark = pytest.mark.integration
+
 ROLE = REPO / "roles" / "kleidi_reencrypt"
 PROGRAM = ROLE / "files" / "kleidi_reencrypt.py"
 COUNTER = ROLE / "files" / "kleidi_etcd_count.py"

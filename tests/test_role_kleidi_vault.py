@@ -31,6 +31,8 @@ from tests.ansible_run import PlayResult, local_inventory, run_playbook
 from tests.backends.openbao import JwtIssuer, OpenBao, TestCA, TokenReviewServer, shared_dev_server
 from tests.plugin import KleidiProcess
 
+pytestmark = pytest.mark.integration
+
 PLAYBOOK = "tests/playbooks/kleidi_vault.yml"
 HOSTS = ("cp-1", "cp-2")
 UID = GID = 10001  # the kleidi role's kleidi_user / kleidi_group

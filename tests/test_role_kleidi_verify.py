@@ -17,6 +17,8 @@ from tests.kleidi_nodes import CONFIG, files, kms_provider, serve_plugin, wired_
 from tests.plugin import REPO
 from tests.test_role_kleidi_apiserver import AESCBC_CONFIG
 
+pytestmark = pytest.mark.integration
+
 PLAYBOOK = REPO / "playbooks" / "verify.yml"
 AESCBC = AESCBC_CONFIG["resources"][0]["providers"][0]
 

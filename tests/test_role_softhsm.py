@@ -22,6 +22,8 @@ import pytest
 from tests.ansible_run import PlayResult, local_inventory, run_playbook
 from tests.plugin import KleidiProcess
 
+pytestmark = pytest.mark.integration
+
 PLAYBOOK = "tests/playbooks/kleidi_softhsm.yml"
 PIN = "pin-" + secrets.token_hex(8)
 SO_PIN = "so-" + secrets.token_hex(8)

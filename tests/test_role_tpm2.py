@@ -23,6 +23,8 @@ from tests.ansible_run import PlayResult, local_inventory, run_playbook
 from tests.backends.tpm import SoftwareTPM
 from tests.plugin import KleidiProcess
 
+pytestmark = pytest.mark.integration
+
 PLAYBOOK = "tests/playbooks/kleidi_tpm2.yml"
 PIN = "pin-" + secrets.token_hex(8)
 SO_PIN = "so-" + secrets.token_hex(8)

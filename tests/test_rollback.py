@@ -18,6 +18,8 @@ import pytest
 from tests.lifecycle_node import FileState, LifecycleNode, lifecycle_node
 from tests.plugin import wait_for
 
+pytestmark = pytest.mark.integration
+
 KLEIDI_YAML = "/etc/kleidi/kleidi.yaml"
 PLUGIN_POD = "/etc/kubernetes/manifests/kleidi.yaml"
 AESCBC_CONFIG = "/etc/kubernetes/encryption/config.yaml"

@@ -13,6 +13,8 @@ import pytest
 
 from tests.role_modules import ROLES, load
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def rotate() -> ModuleType:

@@ -18,6 +18,8 @@ from kleidi.providers.base import Wrapped
 from kleidi.server import KleidiServer
 from tests.plugin import wait_for
 
+pytestmark = pytest.mark.unit
+
 
 class FaultyProvider:
     """Wraps by XOR with a fixed pad; each fault is switched on by the test."""

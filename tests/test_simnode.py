@@ -31,6 +31,8 @@ from tests.backends.softhsm import SoftHsm
 from tests.conftest import pkcs11_config
 from tests.plugin import REPO, KleidiProcess, free_port, wait_for
 
+pytestmark = pytest.mark.integration
+
 SIMNODE = REPO / "molecule" / "default" / "simnode"
 AGENT = SIMNODE / "node_agent.py"
 STANDIN = SIMNODE / "apiserver_standin.py"

@@ -19,6 +19,8 @@ import yaml
 from tests.ansible_run import local_inventory, run_playbook
 from tests.plugin import REPO
 
+pytestmark = pytest.mark.integration
+
 SCENARIO = REPO / "molecule" / "default"
 # Directories of the real host that the roles would write to on a real node; a check run must not touch them.
 REAL_PATHS = ("/etc/kubernetes", "/etc/kleidi", "/run/kleidi", "/var/lib/kleidi", "/opt/kleidi", "/var/backups/kleidi")

@@ -21,6 +21,8 @@ from kleidi.providers.pkcs11_blob import parse
 from tests.backends.tpm import SoftwareTPM
 from tests.plugin import KleidiProcess, wait_for
 
+pytestmark = pytest.mark.integration
+
 AES_1, MAC_1 = "kleidi-kek-1", "kleidi-mac-1"
 MAC_BYTES = 32
 IV_BYTES = 16

@@ -21,6 +21,8 @@ import pytest
 
 from tests.backends.tpm import MODULE, SoftwareTPM
 
+pytestmark = pytest.mark.integration
+
 BLOCK = 16
 RW = PyKCS11.CKF_SERIAL_SESSION | PyKCS11.CKF_RW_SESSION
 HMAC = PyKCS11.Mechanism(PyKCS11.CKM_SHA256_HMAC, None)

@@ -41,6 +41,7 @@ def _busiest_thread(pid: int) -> int:
     return int(max(os.listdir(f"/proc/{pid}/task"), key=used))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("inline_calls", ["auto", "never"])  # never: every call through the worker pool
 def test_auto_uses_one_cpu_for_sequential_calls_and_gives_the_loop_its_own_under_parallel_ones(
     plugin: KleidiProcess, inline_calls: str
@@ -88,6 +89,7 @@ def test_auto_uses_one_cpu_for_sequential_calls_and_gives_the_loop_its_own_under
         )
 
 
+@pytest.mark.integration
 def test_none_leaves_scheduling_alone(plugin: KleidiProcess) -> None:  # the default: nothing in the config
     assert "cpu_affinity" not in plugin.config
     plugin.start()
@@ -96,6 +98,7 @@ def test_none_leaves_scheduling_alone(plugin: KleidiProcess) -> None:  # the def
     assert all(c == os.sched_getaffinity(0) for c in _thread_cpus(plugin.proc.pid).values())
 
 
+@pytest.mark.integration
 def test_a_cpu_outside_the_allowed_set_stops_startup(plugin: KleidiProcess) -> None:
     plugin.config["cpu_affinity"] = max(os.sched_getaffinity(0)) + 1
     plugin.start(wait=False)
@@ -103,6 +106,7 @@ def test_a_cpu_outside_the_allowed_set_stops_startup(plugin: KleidiProcess) -> N
     assert "cpu_affinity: CPU" in plugin.log() and "not available to this process" in plugin.log()
 
 
+@pytest.mark.integration
 def test_a_numbered_cpu_is_used(plugin: KleidiProcess) -> None:
     cpu = min(os.sched_getaffinity(0))
     plugin.config["cpu_affinity"] = cpu
@@ -112,6 +116,7 @@ def test_a_numbered_cpu_is_used(plugin: KleidiProcess) -> None:
     wait_for(lambda: all(c == {cpu} for c in _thread_cpus(pid).values()), 5, f"every thread on CPU {cpu}")
 
 
+@pytest.mark.unit
 def test_grpc_experiments_default_and_operator_override(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("GRPC_EXPERIMENTS", raising=False)
     tuning.grpc_environment()
@@ -121,6 +126,7 @@ def test_grpc_experiments_default_and_operator_override(monkeypatch: pytest.Monk
     assert os.environ["GRPC_EXPERIMENTS"] == "event_engine_listener"
 
 
+@pytest.mark.integration
 def test_serve_works_with_the_operators_own_grpc_experiments(tmp_path: Path, softhsm: SoftHsm) -> None:
     env = {**softhsm.env, "GRPC_EXPERIMENTS": "event_engine_listener"}
     with KleidiProcess(tmp_path / "own", pkcs11_config(softhsm), env=env) as proc:
@@ -181,6 +187,7 @@ SPREAD = ({0, 1, 2}, {3})  # the event loop (the caller) keeps CPU 3, every othe
 PINNED = ({3}, None)
 
 
+@pytest.mark.unit
 def test_placement_follows_overlap_with_hysteresis(monkeypatch: pytest.MonkeyPatch) -> None:
     p = _Placement(monkeypatch)
     assert p.applied == [PINNED]
@@ -194,6 +201,7 @@ def test_placement_follows_overlap_with_hysteresis(monkeypatch: pytest.MonkeyPat
     assert not p.placement.spread and p.applied[-1] == PINNED and PINNED not in p.applied[1:-1]
 
 
+@pytest.mark.unit
 def test_a_lull_after_a_long_burst_does_not_pin(monkeypatch: pytest.MonkeyPatch) -> None:
     """The hold counts from the last overlap, not from the switch: bursts of several seconds with short
     lulls between them stay spread."""
@@ -205,6 +213,7 @@ def test_a_lull_after_a_long_burst_does_not_pin(monkeypatch: pytest.MonkeyPatch)
     assert [a for a in p.applied if a == PINNED] == [PINNED]  # only the initial one: it never pinned again
 
 
+@pytest.mark.unit
 def test_threads_started_while_spread_are_moved_within_a_second(monkeypatch: pytest.MonkeyPatch) -> None:
     """Pool workers start lazily, from the loop, and inherit its CPU: the move is repeated once a second."""
     p = _Placement(monkeypatch)
@@ -216,6 +225,7 @@ def test_threads_started_while_spread_are_moved_within_a_second(monkeypatch: pyt
     assert p.applied == [PINNED, SPREAD, SPREAD]
 
 
+@pytest.mark.unit
 def test_placement_stops_adapting_instead_of_failing_a_call(monkeypatch: pytest.MonkeyPatch) -> None:
     """A cpuset changed under kleidi makes sched_setaffinity fail: the call goes on, placement stops."""
     calls: list[set[int]] = []
@@ -238,6 +248,7 @@ def test_placement_stops_adapting_instead_of_failing_a_call(monkeypatch: pytest.
     assert len(calls) == tries  # stopped: no more attempts
 
 
+@pytest.mark.unit
 def test_set_affinity_gives_the_calling_thread_its_own_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
     me = threading.get_native_id()
     seen: dict[int, set[int]] = {}
@@ -247,6 +258,7 @@ def test_set_affinity_gives_the_calling_thread_its_own_cpus(monkeypatch: pytest.
     assert seen == {me: {3}, 1: {0, 1}, 2: {0, 1}}
 
 
+@pytest.mark.unit
 def test_the_grpc_experiments_exist_in_the_installed_grpcio() -> None:
     """gRPC ignores unknown experiments with one log line; this fails when an upgrade drops the ones set."""
     code = (

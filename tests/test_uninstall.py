@@ -19,6 +19,8 @@ import yaml
 from tests.lifecycle_node import FileState, LifecycleNode, lifecycle_node
 from tests.plugin import REPO, wait_for
 
+pytestmark = pytest.mark.integration
+
 CONFIG = "/etc/kubernetes/encryption/config.yaml"
 APISERVER = "/etc/kubernetes/manifests/kube-apiserver.yaml"
 PATCH = "/etc/kubernetes/patches/kube-apiserver0+json.yaml"

@@ -13,6 +13,8 @@ import pytest
 from kleidi import unixsocket
 from kleidi.errors import ConfigError
 
+pytestmark = pytest.mark.unit
+
 
 def test_refuses_a_world_writable_parent_without_sticky_bit(tmp_path: Path) -> None:
     parent = tmp_path / "open"

@@ -27,6 +27,8 @@ from tests.backends.openbao import (
     wait_for,
 )
 
+pytestmark = pytest.mark.integration
+
 Factory = Callable[..., tuple[VaultProvider, Metrics]]
 
 

@@ -16,6 +16,8 @@ from kleidi.client import KmsClient
 from tests.backends.openbao import JwtIssuer, OpenBao, shared_dev_server, unique, vault_section
 from tests.plugin import KleidiProcess, wait_for
 
+pytestmark = pytest.mark.integration
+
 TOKEN_SHAPES = re.compile(r"\b(?:hv[sbr]|[sbr])\.[A-Za-z0-9]{20,}|eyJ[A-Za-z0-9_-]+\.eyJ")
 
 

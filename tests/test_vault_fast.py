@@ -32,6 +32,7 @@ def _provider(bao: OpenBao, tmp_path: Path, metrics: Metrics) -> VaultProvider:
     return VaultProvider(VaultConfig.model_validate(section), metrics)
 
 
+@pytest.mark.integration
 def test_fast_path_round_trip_and_fallbacks(bao: OpenBao, tmp_path: Path) -> None:
     metrics = Metrics()
     provider = _provider(bao, tmp_path, metrics)
@@ -66,6 +67,7 @@ def test_fast_path_round_trip_and_fallbacks(bao: OpenBao, tmp_path: Path) -> Non
     provider.close()
 
 
+@pytest.mark.unit
 def test_pkcs11_has_no_fast_path(tmp_path: Path) -> None:
     assert not hasattr(Pkcs11Provider, "encrypt_fast")
 
@@ -80,6 +82,7 @@ def _parse(raw: bytes) -> tuple[int, bool, bytes]:
     return asyncio.run(run())
 
 
+@pytest.mark.unit
 def test_http_reader() -> None:
     assert _parse(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello") == (200, True, b"hello")
     assert _parse(b"HTTP/1.1 400 Bad\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}") == (400, False, b"{}")

@@ -22,6 +22,8 @@ from kleidi.observability import Metrics
 from kleidi.providers.vault import VaultProvider
 from tests.backends.openbao import OpenBao, free_port, policy_hcl, shared_dev_server, unique, vault_section, wait_for
 
+pytestmark = pytest.mark.integration
+
 
 @dataclass
 class Setup:

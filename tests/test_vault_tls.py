@@ -19,6 +19,8 @@ from kleidi.providers.vault import VaultProvider
 from tests.backends.openbao import OpenBao, TestCA, unique, vault_section
 from tests.plugin import KleidiProcess, wait_for
 
+pytestmark = pytest.mark.integration
+
 
 @dataclass
 class Tls:

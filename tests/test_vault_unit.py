@@ -15,6 +15,8 @@ from kleidi.providers.vault import VaultProvider
 from kleidi.providers.vault_auth import VaultToken
 from kleidi.providers.vault_http import Redactor, Reply, TlsFailure, VaultHttp
 
+pytestmark = pytest.mark.unit
+
 SEALED = Reply(503, {"errors": ["Vault is sealed"]})
 OK = Reply(200, {"data": {}})
 
