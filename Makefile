@@ -68,6 +68,10 @@ typecheck: venv
 	$(PY) -m mypy
 	$(PY) -m mypy --strict --ignore-missing-imports --follow-imports=silent molecule/default/simnode/*.py
 
+# The quick tests only (marked unit: no backend, plugin process, playbook, helm or simulated node), in under a minute.
+unit: deps
+	$(PY) -m pytest -q -m unit
+
 test: deps tools lint typecheck
 	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory molecule
