@@ -3,6 +3,7 @@
 
     kms_call.py encrypt --socket S --out FILE     wraps 32 random bytes; FILE gets the plaintext and the answer
     kms_call.py decrypt --socket S --input FILE   unwraps FILE's answer; exit 0 only if the plaintext matches
+    kms_call.py status --socket S                 prints the key_id of the plugin's Status answer
 
 Run it inside the apiserver's filesystem view (node_agent.py exec), so the socket path is the one the apiserver's
 EncryptionConfiguration names and only its own mounts can make it reachable."""
@@ -20,12 +21,15 @@ from kleidi.client import KmsClient
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("action", choices=["encrypt", "decrypt"])
+    parser.add_argument("action", choices=["encrypt", "decrypt", "status"])
     parser.add_argument("--socket", required=True)
     parser.add_argument("--out")
     parser.add_argument("--input")
     args = parser.parse_args()
     with KmsClient(args.socket, 3.0) as kms:
+        if args.action == "status":
+            print(kms.status().key_id)
+            return 0
         if args.action == "encrypt":
             seed = os.urandom(32)
             answer = kms.encrypt(seed, uid="molecule-verify")
