@@ -72,9 +72,8 @@ typecheck: venv
 unit: deps
 	$(PY) -m pytest -q -m unit
 
-# Two workers, a test module at a time each; tests/conftest.py keeps the modules that share host paths on one.
 test: deps tools lint typecheck
-	$(PY) -m pytest -q -n 2 --dist loadgroup
+	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory molecule
 
 # Three simulated kubeadm control-plane nodes on this machine (molecule/default/simnode/README.md).

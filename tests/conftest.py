@@ -14,21 +14,6 @@ from tests.plugin import KleidiProcess
 # Every test is one of these (pyproject.toml describes them; `make unit` runs the first kind).
 KINDS = ("unit", "integration")
 
-# `make test` runs the tests on two pytest-xdist workers, a module at a time each (its module-scoped backends set up
-# once). These modules share the real host's paths: simulated nodes whose sandboxes create their mount points
-# (/etc/kleidi, /run/kleidi, /var/lib/kleidi...) on the host while they run, and checks that a playbook wrote
-# nothing there. They go to one worker, one after another.
-HOST_PATH_MODULES = frozenset(
-    {
-        "test_simnode.py",
-        "test_helm_on_simnode.py",
-        "test_rollback.py",
-        "test_uninstall.py",
-        "test_site_check_mode.py",
-        "test_role_softhsm.py",
-    }
-)
-
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects anything, so every test is checked on every run
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -38,9 +23,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             "every test needs exactly one of the markers unit and integration (a module's pytestmark or the "
             "test's own); these have none or both:\n  " + "\n  ".join(wrong)
         )
-    for item in items:
-        module = item.path.name
-        item.add_marker(pytest.mark.xdist_group("host-paths" if module in HOST_PATH_MODULES else module))
 
 
 def pkcs11_config(hsm: SoftHsm, key_label: str = "kek-1", **pkcs11: object) -> dict[str, object]:
