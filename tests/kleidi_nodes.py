@@ -59,10 +59,6 @@ def serve_plugin(stack: ExitStack, root: Path, hsm: SoftHsm) -> KleidiProcess:
     return serve(stack, root, hsm)
 
 
-def files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 APISERVER = {
     "apiVersion": "v1",
     "kind": "Pod",

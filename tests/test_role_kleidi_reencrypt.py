@@ -18,8 +18,9 @@ from tests.ansible_run import PlayResult, local_inventory, run_playbook
 from tests.backends.etcd import Etcd
 from tests.backends.openbao import TestCA
 from tests.backends.softhsm import SoftHsm
-from tests.kleidi_nodes import files, kms_provider, serve_plugin, wired_node
+from tests.kleidi_nodes import kms_provider, serve_plugin, wired_node
 from tests.plugin import REPO
+from tests.test_role_kleidi_apiserver import files
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ import yaml
 
 from tests.ansible_run import PlayResult, local_inventory, run_playbook
 from tests.backends.softhsm import SoftHsm
-from tests.kleidi_nodes import CONFIG, files, kms_provider, serve_plugin, wired_node
+from tests.kleidi_nodes import CONFIG, kms_provider, serve_plugin, wired_node
 from tests.plugin import REPO
-from tests.test_role_kleidi_apiserver import AESCBC_CONFIG
+from tests.test_role_kleidi_apiserver import AESCBC_CONFIG, files
 
 pytestmark = pytest.mark.integration
 
