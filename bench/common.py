@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import statistics
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from kleidi.api import v2_pb2
+from kleidi.api import v1beta1_pb2, v2_pb2
 from kleidi.client import KmsClient
 
 
@@ -20,10 +18,6 @@ class Result:
     ops_per_s: float
     p50_ms: float
     p99_ms: float
-
-
-# Calls one gRPC method over a unix socket: (socket, method, serialized request, clients, calls per client).
-Caller = Callable[[str, str, bytes, int, int], Result]
 
 
 def measure(make_call: Callable[[int], Callable[[], object]], clients: int, calls_per_client: int) -> Result:
@@ -60,49 +54,6 @@ def measure(make_call: Callable[[int], Callable[[], object]], clients: int, call
     )
 
 
-def _socket_worker(
-    socket: str, method: str, request: bytes, calls: int, barrier: Any, results: Any
-) -> None:  # pragma: no cover - runs in a child process
-    import grpc
-
-    with grpc.insecure_channel(f"unix://{socket}", options=[("grpc.default_authority", "localhost")]) as channel:
-        call = channel.unary_unary(method)  # raw bytes in and out: the client does as little as the Go one
-        for _ in range(20):
-            call(request, timeout=5)
-        out = []
-        barrier.wait()
-        began = time.perf_counter()
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            call(request, timeout=5)
-            out.append(time.perf_counter() - t0)
-        results.put((began, time.perf_counter(), out))
-
-
-def measure_socket(socket: str, method: str, request: bytes, clients: int, calls_per_client: int) -> Result:
-    """Call a gRPC method on a unix socket from ``clients`` separate processes (one channel each), so the
-    callers do not share a GIL with each other; ``request`` is the serialized request message."""
-    ctx = multiprocessing.get_context("spawn")
-    barrier = ctx.Barrier(clients)
-    results = ctx.Queue()
-    workers = [
-        ctx.Process(target=_socket_worker, args=(socket, method, request, calls_per_client, barrier, results))
-        for _ in range(clients)
-    ]
-    for w in workers:
-        w.start()
-    runs = [results.get(timeout=600) for _ in workers]
-    for w in workers:
-        w.join()
-    elapsed = max(end for _, end, _ in runs) - min(began for began, _, _ in runs)
-    flat = sorted(x for _, _, per in runs for x in per)
-    return Result(
-        ops_per_s=len(flat) / elapsed,
-        p50_ms=statistics.median(flat) * 1000,
-        p99_ms=flat[min(len(flat) - 1, int(len(flat) * 0.99))] * 1000,
-    )
-
-
 HEADER = f"{'operation':<26}{'clients':>8}{'ops/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'raw ops/s':>11}{'raw p50':>9}" + (
     f"{'p50 over raw':>14}{'ops ratio':>11}"
 )
@@ -127,12 +78,15 @@ def rss_mib(pid: int) -> float:
 
 
 def kms_requests(client: KmsClient) -> dict[str, bytes]:
-    """Serialized Encrypt and Decrypt requests for a 32-byte data key, the Decrypt one for a real blob."""
+    """Serialized KMS v2 and v1beta1 Encrypt and Decrypt requests for a 32-byte data key, each Decrypt for a
+    blob the plugin made; keyed "v2 Encrypt", "v1 Decrypt" and so on."""
     seed = os.urandom(32)
     blob = client.encrypt(seed)
     return {
-        "Encrypt": v2_pb2.EncryptRequest(plaintext=seed, uid="bench").SerializeToString(),
-        "Decrypt": v2_pb2.DecryptRequest(
+        "v2 Encrypt": v2_pb2.EncryptRequest(plaintext=seed, uid="bench").SerializeToString(),
+        "v2 Decrypt": v2_pb2.DecryptRequest(
             ciphertext=blob.ciphertext, key_id=blob.key_id, uid="bench"
         ).SerializeToString(),
+        "v1 Encrypt": v1beta1_pb2.EncryptRequest(version="v1beta1", plain=seed).SerializeToString(),
+        "v1 Decrypt": v1beta1_pb2.DecryptRequest(version="v1beta1", cipher=client.v1_encrypt(seed)).SerializeToString(),
     }

@@ -10,18 +10,19 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from bench.common import Caller, Result, measure_socket
+from bench.common import Result
 
 SOURCE = Path(__file__).resolve().parent / "goclient" / "main.go"
 DEBIAN_GOPATH = "/usr/share/gocode"
 
 
 @functools.cache
-def build() -> Path | None:
-    """Build the client; None (with the reason printed) when Go or Debian's grpc-go is not installed."""
+def require() -> Path:
+    """Build the client (once per process); exits with the fix when Go or Debian's grpc-go is missing."""
     if shutil.which("go") is None or not Path(DEBIAN_GOPATH, "src/google.golang.org/grpc").is_dir():
-        print("(no Go client: `make bench` installs golang-go and golang-google-grpc-dev for it)")
-        return None
+        raise SystemExit(
+            "the benchmarks need Go and grpc-go: `make bench` installs golang-go and golang-google-grpc-dev"
+        )
     root = Path(tempfile.mkdtemp(prefix="kleidi-goclient-"))
     package = root / "src" / "kmsbench"
     package.mkdir(parents=True)
@@ -53,12 +54,3 @@ def measure(binary: Path, socket: str, method: str, request: bytes, clients: int
         timeout=600,
     ).stdout.split()
     return Result(ops_per_s=float(out[0]), p50_ms=float(out[1]), p99_ms=float(out[2]))
-
-
-def callers() -> list[tuple[str, Caller]]:
-    """Python's grpcio, and Go's grpc (the apiserver's) when it can be built here."""
-    found: list[tuple[str, Caller]] = [("Python grpcio", measure_socket)]
-    binary = build()
-    if binary is not None:
-        found.append(("Go grpc, as the apiserver", functools.partial(measure, binary)))
-    return found
