@@ -1,52 +1,58 @@
-"""kleidi over its socket vs raw hvac transit calls against the same OpenBao, in one run."""
+"""kleidi's Vault backend on OpenBao against the bare transit call, both made by lean Go clients in one run.
+
+- kleidi: KMS v2 Encrypt/Decrypt of a 32-byte data key over kleidi's unix socket, called by the Go gRPC client
+  (bench/goclient/main.go) as the apiserver calls it;
+- raw:    the transit call kleidi makes for it (POST /v1/transit/encrypt|decrypt/<key>, a random 32-byte
+          plaintext in base64, or the ciphertext kleidi made) with the same token on the same OpenBao, by a Go
+          net/http client with one kept-alive connection per caller (bench/transit/main.go): what transit
+          itself costs, with next to nothing of the client's own on top.
+
+kleidi and raw are measured back to back in each round, who goes first alternating; the median of the rounds is
+reported, the ratio being kleidi / raw ops/s.
+
+    python -m bench vault          (with the other backends: python -m bench)
+    python -m bench.vault [--rounds 5] [--calls 1000]
+"""
 
 from __future__ import annotations
 
-import base64
-import functools
-import os
+import argparse
+import statistics
+import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import hvac
-
 from bench import goclient
-from bench.common import HEADER, Result, kms_requests, measure, row
+from bench.common import Result, kms_requests
 from kleidi.api import v2_pb2
 from tests.backends.openbao import OpenBao, vault_section
 from tests.plugin import KleidiProcess
 
-CALLS = 500
+CALLS = 1000
+ROUNDS = 5
+CLIENTS = (1, 8)
+OPERATIONS = ("Encrypt", "Decrypt")
 KEY = "kleidi-bench"
+TARGET = 0.4  # issue 17: a lone kleidi call at least 0.4x the Go transit client's rate
+_Measure = Callable[[str, int], Result]  # (operation, callers) -> the result
 
 
-def _raw_calls(bao: OpenBao, token: str, ciphertext: str, clients: int) -> dict[str, Result]:
-    """The same transit calls made with hvac directly: one client (one pooled session) per thread."""
-    seed = base64.b64encode(os.urandom(32)).decode()
-    hvacs = [hvac.Client(url=bao.address, token=token, timeout=5) for _ in range(clients)]
-
-    def enc(i: int) -> Callable[[], object]:
-        return lambda: hvacs[i].secrets.transit.encrypt_data(KEY, seed)
-
-    def dec(i: int) -> Callable[[], object]:
-        return lambda: hvacs[i].secrets.transit.decrypt_data(KEY, ciphertext)
-
-    results = {"encrypt": measure(enc, clients, CALLS), "decrypt": measure(dec, clients, CALLS)}
-    for client in hvacs:
-        client.adapter.close()
-    return results
-
-
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m bench` calls this with no arguments: the defaults."""
+    parser = argparse.ArgumentParser(prog="python -m bench.vault", description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"rounds, the median reported ({ROUNDS})")
+    parser.add_argument("--calls", type=int, default=CALLS, help=f"calls per caller in each measurement ({CALLS})")
+    args = parser.parse_args([] if argv is None else argv)
+    grpc_client, transit_client = goclient.require(), goclient.require("transit")
     with tempfile.TemporaryDirectory(prefix="kleidi-bench-vault-") as tmp:
         root = Path(tmp)
         bao = OpenBao(root / "bao", tls=False).start()
         try:
             bao.create_key(KEY)
-            token = bao.token([bao.kleidi_policy(KEY)], ttl="2h")
             token_file = root / "token"
-            token_file.write_text(token)
+            token_file.touch(mode=0o600)
+            token_file.write_text(bao.token([bao.kleidi_policy(KEY)], ttl="2h"))
             config = {
                 "provider": "vault",
                 "log_level": "warning",
@@ -57,37 +63,80 @@ def main() -> None:
                 plugin.wait_healthy()
                 with plugin.client() as kms:
                     requests = kms_requests(kms)
-                raw: dict[tuple[str, int], Result] = {}
-                for n in (1, 8):
-                    ciphertext = v2_pb2.DecryptRequest.FromString(requests["Decrypt"]).ciphertext.decode()
-                    results = _raw_calls(bao, token, ciphertext, n)
-                    raw["Encrypt", n], raw["Decrypt", n] = results["encrypt"], results["decrypt"]
-                binary = goclient.require()
-                for client, call in [("Go grpc, as the apiserver", functools.partial(goclient.measure, binary))]:
-                    print(f"\nkleidi vault (OpenBao, transit aes256-gcm96), 32-byte data keys; client: {client}")
-                    print("raw = hvac transit calls against the same OpenBao in this process")
-                    print(HEADER)
-                    ours: dict[tuple[str, int], Result] = {}
-                    for n in (1, 8):
-                        for op in ("Encrypt", "Decrypt"):
-                            ours[op, n] = call(
-                                plugin.socket, f"/v2.KeyManagementService/{op}", requests[f"v2 {op}"], n, CALLS
-                            )
-                            print(row(op, n, ours[op, n], raw[op, n]))
-                    _targets(ours, raw)
+                ciphertext = v2_pb2.DecryptRequest.FromString(requests["v2 Decrypt"]).ciphertext.decode()
+
+                def kleidi(op: str, clients: int) -> Result:
+                    method = f"/v2.KeyManagementService/{op}"
+                    return goclient.measure(
+                        grpc_client, plugin.socket, method, requests[f"v2 {op}"], clients, args.calls
+                    )
+
+                def transit(op: str, clients: int) -> Result:
+                    return goclient.measure_transit(
+                        transit_client,
+                        bao.address,
+                        KEY,
+                        token_file,
+                        op.lower(),
+                        clients,
+                        args.calls,
+                        ciphertext=ciphertext if op == "Decrypt" else "",
+                    )
+
+                rounds = [_round({"kleidi": kleidi, "raw": transit}, i % 2 == 1) for i in range(args.rounds)]
+            _report(rounds, args.calls)
         finally:
             bao.stop()
 
 
-def _targets(ours: dict[tuple[str, int], Result], raw: dict[tuple[str, int], Result]) -> None:
-    over = max(ours[op, 1].p50_ms - raw[op, 1].p50_ms for op in ("Encrypt", "Decrypt"))
-    ratio = min(ours[op, 8].ops_per_s / raw[op, 8].ops_per_s for op in ("Encrypt", "Decrypt"))
-    for name, met, value in (
-        ("p50 at most 0.4 ms over raw hvac at 1 client", over <= 0.4, f"+{over:.3f} ms"),
-        ("at least 0.8x raw hvac ops/s at 8 clients", ratio >= 0.8, f"{ratio:.2f}x"),
-    ):
-        print(f"target {'met   ' if met else 'MISSED'} {name}: {value}")
+def _round(callers: dict[str, _Measure], raw_first: bool) -> dict[tuple[str, str, int], Result]:
+    """Each operation at 1 and at 8 callers, kleidi and raw back to back (this VM's throughput drifts within a
+    minute, so a ratio compares measurements taken together), who goes first alternating by round."""
+    found: dict[tuple[str, str, int], Result] = {}
+    order = ("raw", "kleidi") if raw_first else ("kleidi", "raw")
+    for op in OPERATIONS:
+        for n in CLIENTS:
+            for who in order:
+                found[who, op, n] = callers[who](op, n)
+    return found
+
+
+def _median(results: list[Result]) -> Result:
+    return Result(
+        ops_per_s=statistics.median(r.ops_per_s for r in results),
+        p50_ms=statistics.median(r.p50_ms for r in results),
+        p99_ms=statistics.median(r.p99_ms for r in results),
+    )
+
+
+def _report(rounds: list[dict[tuple[str, str, int], Result]], calls: int) -> None:
+    print("\nkleidi vault (OpenBao dev server, transit aes256-gcm96, token auth), 32-byte data keys, KMS v2")
+    print(
+        f"kleidi: Go grpc client, as the apiserver; raw: Go net/http transit client, one kept-alive connection per"
+        f" caller\n{calls} calls per caller, median of {len(rounds)} rounds; ratio = kleidi / raw ops/s"
+    )
+    print(
+        f"{'operation':<12}{'callers':>8}{'kleidi/s':>10}{'p50 ms':>8}{'p99 ms':>8}{'raw/s':>10}{'p50 ms':>8}"
+        f"{'ratio':>7}  {'each round'}"
+    )
+    ratios: dict[tuple[str, int], float] = {}
+    for op in OPERATIONS:
+        for n in CLIENTS:
+            ours = _median([r["kleidi", op, n] for r in rounds])
+            raw = _median([r["raw", op, n] for r in rounds])
+            each = [r["kleidi", op, n].ops_per_s / r["raw", op, n].ops_per_s for r in rounds]
+            ratios[op, n] = statistics.median(each)
+            print(
+                f"{'v2 ' + op:<12}{n:>8}{ours.ops_per_s:>10.0f}{ours.p50_ms:>8.3f}{ours.p99_ms:>8.3f}"
+                f"{raw.ops_per_s:>10.0f}{raw.p50_ms:>8.3f}{ratios[op, n]:>7.2f}  {' '.join(f'{e:.2f}' for e in each)}"
+            )
+    worst = min(OPERATIONS, key=lambda op: ratios[op, 1])
+    met = ratios[worst, 1] >= TARGET
+    print(
+        f"target {'met   ' if met else 'MISSED'} a lone kleidi call at least {TARGET}x the Go transit client's rate:"
+        f" {worst} at 1: {ratios[worst, 1]:.2f}x"
+    )
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])
