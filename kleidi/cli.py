@@ -55,6 +55,8 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"kleidi: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level, cfg.log_format)
+    for setting, advice in cfg.retired():
+        log.warning("retired setting ignored; remove it from the config", extra={"setting": setting, "advice": advice})
     from kleidi.server import serve
 
     try:

@@ -195,10 +195,12 @@ class Config(_Section):
     workers: int = Field(default=8, ge=1, le=256)
     # How long SIGTERM waits for in-flight calls before closing.
     shutdown_grace: Duration = 5.0
-    # Where kleidi's threads run (kleidi/tuning.py): none (the scheduler decides), auto (one CPU while calls
-    # come one at a time, about 0.1 ms faster each; while they overlap, that CPU for the event loop alone and
-    # the others for the rest), or a CPU number.
-    cpu_affinity: Literal["auto", "none"] | Annotated[int, Field(ge=0)] = "none"
+    # Retired settings (see retired()): accepted whatever their value, so a deployed config keeps working.
+    cpu_affinity: Any = Field(
+        default=None,
+        deprecated="kleidi no longer places its threads on CPUs (it did not pay: docs/performance.md); "
+        "pin the pod or the systemd unit instead if you want that",
+    )
     pkcs11: Pkcs11Config | None = None
     vault: VaultConfig | None = None
 
@@ -243,6 +245,20 @@ class Config(_Section):
         if value > 3600:
             raise ValueError("must be at most 1h")
         return value
+
+    def retired(self) -> list[tuple[str, str]]:
+        """(setting, what to do) for each retired setting this config still sets. A release that stops using a
+        setting keeps accepting it for one more release, so an upgrade never turns a deployed config into a
+        KMS outage; `kleidi serve` logs a warning naming each one."""
+        found = []
+        for prefix, section in (("", self), ("pkcs11.", self.pkcs11), ("vault.", self.vault)):
+            if section is None:
+                continue
+            for name in sorted(section.model_fields_set):
+                reason = type(section).model_fields[name].deprecated
+                if reason:
+                    found.append((prefix + name, str(reason)))
+        return found
 
     @property
     def socket_path(self) -> str:

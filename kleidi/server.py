@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from kleidi import __version__, contract, tuning, unixsocket
+from kleidi import __version__, contract, unixsocket
 from kleidi.api import v1beta1_pb2, v1beta1_pb2_grpc, v2_pb2, v2_pb2_grpc
 from kleidi.config import Config
 from kleidi.errors import ConfigError, DeadlinePassed, InvalidInput, KleidiError, WouldBlock
@@ -47,21 +47,14 @@ class _Call:
         api: str,
         pool: futures.ThreadPoolExecutor,
         provider: Provider,
-        placement: tuning.CpuPlacement | None,
     ) -> None:
         self._provider = provider
-        self._placement = placement
         self._metrics = metrics
         self._health = health
         self._api = api
         self._pool = pool
         self._latency = {m: metrics.request_seconds.labels(api, m) for m in ("Encrypt", "Decrypt")}
         self._ok = {m: metrics.requests.labels(api, m, "OK") for m in ("Encrypt", "Decrypt")}
-
-    def track(self, context: grpc.aio.ServicerContext) -> None:
-        """Tell the CPU placement (cpu_affinity: auto) that a call started: Status, Encrypt and Decrypt do."""
-        if self._placement is not None:
-            self._placement.call_started(context)
 
     async def run(
         self,
@@ -74,7 +67,6 @@ class _Call:
         """``body`` does the work on a worker thread (or inline, for an inline-safe provider); ``fast``, when
         given, is tried first on the loop and answers None to fall back to ``body``."""
         started = time.perf_counter()
-        self.track(context)
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         code = grpc.StatusCode.OK
@@ -210,7 +202,6 @@ class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
         self._status: v2_pb2.StatusResponse = v2_pb2.StatusResponse()
 
     async def Status(self, request: v2_pb2.StatusRequest, context: grpc.aio.ServicerContext) -> v2_pb2.StatusResponse:
-        self._call.track(context)
         state = self._health.state
         if state is not self._status_for:  # rebuilt only when the health loop publishes a new state
             self._status = v2_pb2.StatusResponse(version=contract.KMS_V2, healthz=state.reason, key_id=state.key_id)
@@ -295,11 +286,8 @@ class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):
 class KleidiServer:
     """The plugin process: provider, health loop, probes and the gRPC server on the unix socket."""
 
-    def __init__(
-        self, config: Config, provider: Provider | None = None, placement: tuning.CpuPlacement | None = None
-    ) -> None:
+    def __init__(self, config: Config, provider: Provider | None = None) -> None:
         self.config = config
-        self.placement = placement
         self.metrics = Metrics()
         self.provider = provider if provider is not None else build(config, self.metrics)
         self.health = HealthMonitor(self.provider, config.health_interval, self.metrics, config.health_timeout)
@@ -370,7 +358,7 @@ class KleidiServer:
         return server
 
     def _new_call(self, api: str, pool: futures.ThreadPoolExecutor) -> _Call:
-        return _Call(self.metrics, self.health, api, pool, self.provider, self.placement)
+        return _Call(self.metrics, self.health, api, pool, self.provider)
 
     def _probe_health(self) -> tuple[bool, str]:
         state = self.health.state
@@ -406,7 +394,7 @@ class KleidiServer:
 
 def serve(config: Config) -> None:
     """Run until SIGTERM or SIGINT."""
-    server = KleidiServer(config, placement=tuning.place(config.cpu_affinity))
+    server = KleidiServer(config)
     done = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

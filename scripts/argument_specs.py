@@ -91,7 +91,11 @@ def _option(annotation: Any, path: str, docs: dict[str, str], is_parsed: bool = 
     if isinstance(inner, type) and issubclass(inner, BaseModel):
         option["type"] = "dict"
         option["options"] = {
-            name: _option(field.annotation, f"{path}.{name}", docs, parsed(field.metadata))
+            name: (
+                {"description": f"Retired, ignored with a warning: {field.deprecated}.", "type": "raw"}
+                if field.deprecated
+                else _option(field.annotation, f"{path}.{name}", docs, parsed(field.metadata))
+            )
             for name, field in inner.model_fields.items()
         }
     elif typing.get_origin(inner) is typing.Literal:
@@ -101,7 +105,7 @@ def _option(annotation: Any, path: str, docs: dict[str, str], is_parsed: bool = 
         option["type"] = "str"
     elif inner is int:
         option["type"] = "int"
-    else:  # durations ("30s" or seconds), octal modes ("0600" or a number), cpu_affinity ("auto" or a CPU)
+    else:  # durations ("30s" or seconds), octal modes ("0600" or a number)
         option["type"] = "raw"
     return option
 

@@ -134,6 +134,12 @@ def _placeholder(schema: dict[str, Any]) -> dict[str, Any]:
 def _section(section: type[BaseModel], path: str, docs: dict[str, str], conditional: bool) -> dict[str, Any]:
     properties: dict[str, Any] = {}
     for name, field in section.model_fields.items():
+        if field.deprecated:  # a retired setting: kleidi accepts any value and warns, and so does the chart
+            properties[name] = {
+                "description": f"Retired, ignored with a warning: {field.deprecated}.",
+                "deprecated": True,
+            }
+            continue
         schema = _schema(field.annotation, field.metadata, f"{path}.{name}", docs, conditional)
         if conditional and field.is_required() and schema.get("type") == "string":
             schema = _placeholder(schema)
