@@ -11,7 +11,10 @@ kleidi and raw are measured back to back in each round, who goes first alternati
 reported, the ratio being kleidi / raw ops/s.
 
     python -m bench vault          (with the other backends: python -m bench)
-    python -m bench.vault [--rounds 5] [--calls 1000]
+    python -m bench.vault [--rounds 5] [--calls 1000] [--without-fast-path]
+
+--without-fast-path also measures, in the same rounds, a kleidi whose Vault fast path (providers/vault_fast.py)
+is taken out (bench/launch.py): what that path buys.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ CLIENTS = (1, 8)
 OPERATIONS = ("Encrypt", "Decrypt")
 KEY = "kleidi-bench"
 TARGET = 0.4  # issue 17: a lone kleidi call at least 0.4x the Go transit client's rate
+WITHOUT_FAST = "kleidi without the fast path"
 _Measure = Callable[[str, int], Result]  # (operation, callers) -> the result
 
 
@@ -43,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.vault", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"rounds, the median reported ({ROUNDS})")
     parser.add_argument("--calls", type=int, default=CALLS, help=f"calls per caller in each measurement ({CALLS})")
+    parser.add_argument(
+        "--without-fast-path", action="store_true", help="also measure kleidi without its Vault fast path"
+    )
     args = parser.parse_args([] if argv is None else argv)
     grpc_client, transit_client = goclient.require(), goclient.require("transit")
     with tempfile.TemporaryDirectory(prefix="kleidi-bench-vault-") as tmp:
@@ -58,18 +65,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "log_level": "warning",
                 "vault": vault_section(bao, KEY, {"method": "token", "token_file": str(token_file)}),
             }
-            with KleidiProcess(root / "kleidi", config) as plugin:
-                plugin.start()
-                plugin.wait_healthy()
-                with plugin.client() as kms:
-                    requests = kms_requests(kms)
-                ciphertext = v2_pb2.DecryptRequest.FromString(requests["v2 Decrypt"]).ciphertext.decode()
-
-                def kleidi(op: str, clients: int) -> Result:
-                    method = f"/v2.KeyManagementService/{op}"
-                    return goclient.measure(
-                        grpc_client, plugin.socket, method, requests[f"v2 {op}"], clients, args.calls
-                    )
+            plugins = {"kleidi": KleidiProcess(root / "kleidi", config)}
+            if args.without_fast_path:
+                launcher = ("-m", "bench.launch", "--without", "vault-fast-path")
+                plugins[WITHOUT_FAST] = KleidiProcess(root / "without", config, launcher=launcher)
+            try:
+                callers: dict[str, _Measure] = {}
+                for name, plugin in plugins.items():
+                    plugin.start()
+                    plugin.wait_healthy()
+                    with plugin.client() as kms:
+                        callers[name] = _kleidi_caller(grpc_client, plugin.socket, kms_requests(kms), args.calls)
+                with plugins["kleidi"].client() as kms:
+                    ciphertext = v2_pb2.DecryptRequest.FromString(kms_requests(kms)["v2 Decrypt"]).ciphertext.decode()
 
                 def transit(op: str, clients: int) -> Result:
                     return goclient.measure_transit(
@@ -83,17 +91,29 @@ def main(argv: Sequence[str] | None = None) -> None:
                         ciphertext=ciphertext if op == "Decrypt" else "",
                     )
 
-                rounds = [_round({"kleidi": kleidi, "raw": transit}, i % 2 == 1) for i in range(args.rounds)]
+                callers["raw"] = transit
+                rounds = [_round(callers, i) for i in range(args.rounds)]
+            finally:
+                for plugin in plugins.values():
+                    plugin.stop()
             _report(rounds, args.calls)
         finally:
             bao.stop()
 
 
-def _round(callers: dict[str, _Measure], raw_first: bool) -> dict[tuple[str, str, int], Result]:
-    """Each operation at 1 and at 8 callers, kleidi and raw back to back (this VM's throughput drifts within a
-    minute, so a ratio compares measurements taken together), who goes first alternating by round."""
+def _kleidi_caller(binary: Path, socket: str, requests: dict[str, bytes], calls: int) -> _Measure:
+    def measure(op: str, clients: int) -> Result:
+        return goclient.measure(binary, socket, f"/v2.KeyManagementService/{op}", requests[f"v2 {op}"], clients, calls)
+
+    return measure
+
+
+def _round(callers: dict[str, _Measure], number: int) -> dict[tuple[str, str, int], Result]:
+    """Each operation at 1 and at 8 callers, every caller back to back (this VM's throughput drifts within a
+    minute, so a ratio compares measurements taken together), the order rotating by round."""
     found: dict[tuple[str, str, int], Result] = {}
-    order = ("raw", "kleidi") if raw_first else ("kleidi", "raw")
+    names = list(callers)
+    order = names[number % len(names) :] + names[: number % len(names)]
     for op in OPERATIONS:
         for n in CLIENTS:
             for who in order:
@@ -130,6 +150,12 @@ def _report(rounds: list[dict[tuple[str, str, int], Result]], calls: int) -> Non
                 f"{'v2 ' + op:<12}{n:>8}{ours.ops_per_s:>10.0f}{ours.p50_ms:>8.3f}{ours.p99_ms:>8.3f}"
                 f"{raw.ops_per_s:>10.0f}{raw.p50_ms:>8.3f}{ratios[op, n]:>7.2f}  {' '.join(f'{e:.2f}' for e in each)}"
             )
+    if (WITHOUT_FAST, OPERATIONS[0], 1) in rounds[0]:
+        print(f"\n{WITHOUT_FAST}, measured in the same rounds: its ops/s over kleidi's")
+        for op in OPERATIONS:
+            for n in CLIENTS:
+                each = [r[WITHOUT_FAST, op, n].ops_per_s / r["kleidi", op, n].ops_per_s for r in rounds]
+                print(f"{'v2 ' + op:<12}{n:>8}{statistics.median(each):>7.2f}x  {' '.join(f'{e:.2f}' for e in each)}")
     worst = min(OPERATIONS, key=lambda op: ratios[op, 1])
     met = ratios[worst, 1] >= TARGET
     print(

@@ -44,8 +44,15 @@ class KleidiProcess:
 
     ``config`` is the whole config mapping; ``listen`` and ``metrics_listen`` are filled in unless given."""
 
-    def __init__(self, workdir: Path, config: dict[str, Any], env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        config: dict[str, Any],
+        env: dict[str, str] | None = None,
+        launcher: tuple[str, ...] = ("-m", "kleidi"),
+    ) -> None:
         self.workdir = workdir
+        self.launcher = launcher  # what runs `kleidi` (bench/launch.py takes a mechanism out first)
         workdir.mkdir(parents=True, exist_ok=True)
         self.socket = str(workdir / "run" / "kleidi.sock")
         self.config = {"listen": f"unix://{self.socket}", "metrics_listen": f"127.0.0.1:{free_port()}", **config}
@@ -64,7 +71,7 @@ class KleidiProcess:
         self._log_offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         log = self.log_file.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "kleidi", "serve", "--config", str(self.config_file), *extra_args],
+            [sys.executable, *self.launcher, "serve", "--config", str(self.config_file), *extra_args],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=self.env,
