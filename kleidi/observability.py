@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import sys
 import threading
 import time
@@ -202,21 +203,33 @@ class JsonFormatter(logging.Formatter):
 
 
 class KeyValueFormatter(logging.Formatter):
-    """ts level logger msg key=value ... for humans at a terminal."""
+    """ts level logger msg key=value ... for humans at a terminal.
+
+    Values come from callers too (a request's uid is whatever reached the socket), so anything but a plain
+    token is written as a JSON string: a newline, a quote or an `=` inside a value can never start a line or a
+    field of its own. Traceback lines are indented, so none of them reads as a log line either."""
 
     def format(self, record: logging.LogRecord) -> str:
         ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-        fields = " ".join(
-            f"{k}={v!r}" if isinstance(v, str) and " " in v else f"{k}={v}"
-            for k, v in vars(record).items()
-            if k not in _STANDARD
-        )
-        line = f"{ts} {record.levelname.lower()} {record.name} {record.getMessage()}"
+        fields = " ".join(f"{_token(k)}={_token(v)}" for k, v in vars(record).items() if k not in _STANDARD)
+        line = f"{ts} {record.levelname.lower()} {record.name} {_token(record.getMessage(), spaces=True)}"
         if fields:
             line += " " + fields
         if record.exc_info and record.exc_info[0] is not None:
-            line += "\n" + self.formatException(record.exc_info)
+            line += "".join(f"\n\t{text}" for text in self.formatException(record.exc_info).splitlines())
         return line
+
+
+# What a key=value log writes bare; anything else is quoted and escaped.
+_BARE = re.compile(r"[A-Za-z0-9_.:/@+,%-]+")
+_BARE_WITH_SPACES = re.compile(r"[A-Za-z0-9_.:/@+,%;()' -]+")
+
+
+def _token(value: object, spaces: bool = False) -> str:
+    text = value if isinstance(value, str) else str(value)
+    if (_BARE_WITH_SPACES if spaces else _BARE).fullmatch(text):
+        return text
+    return json.dumps(text)  # escapes control characters, quotes and backslashes; non-ASCII as \uXXXX
 
 
 def setup_logging(level: str, fmt: str) -> None:
