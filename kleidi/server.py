@@ -167,6 +167,11 @@ def _check_plaintext(plaintext: bytes) -> None:
 def _check_ciphertext(ciphertext: bytes) -> None:
     if not ciphertext:
         raise InvalidInput("ciphertext is empty")
+    # Every blob kleidi makes fits the apiserver's limit: a larger one is not ours, and never reaches the backend.
+    if len(ciphertext) > contract.MAX_CIPHERTEXT_BYTES:
+        raise InvalidInput(
+            f"ciphertext is {len(ciphertext)} bytes; kleidi's are at most {contract.MAX_CIPHERTEXT_BYTES}"
+        )
 
 
 def _check_decrypt_request(ciphertext: bytes, annotations: Mapping[str, bytes]) -> None:

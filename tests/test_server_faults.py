@@ -36,6 +36,7 @@ class FaultyProvider:
         self.oversize = False
         self.unavailable = False
         self.deadlines: list[float | None] = []
+        self.decrypts = 0
 
     def key_id(self) -> str:
         return "faulty-key-1"
@@ -55,6 +56,7 @@ class FaultyProvider:
     def decrypt(
         self, ciphertext: bytes, key_id: str, annotations: Mapping[str, bytes], uid: str, deadline: float | None = None
     ) -> bytes:
+        self.decrypts += 1
         return bytes(b ^ 0x5A for b in ciphertext)
 
     def check(self) -> None:
@@ -214,3 +216,19 @@ def test_oversized_plaintext_is_the_callers_error(running: tuple[KleidiServer, F
     with pytest.raises(grpc.RpcError) as info:
         client.encrypt(os.urandom(600))
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 512" in info.value.details()
+
+
+@pytest.mark.parametrize("size", [1025, 60_000])
+def test_a_ciphertext_larger_than_any_of_kleidis_never_reaches_the_backend(
+    running: tuple[KleidiServer, FaultyProvider, KmsClient], size: int
+) -> None:
+    _, provider, client = running
+    for decrypt in (lambda blob: client.decrypt(blob, "faulty-key-1"), client.v1_decrypt):
+        with pytest.raises(grpc.RpcError) as info:
+            decrypt(os.urandom(size))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"ciphertext is {size} bytes; kleidi's are at most 1024" in info.value.details()
+    assert provider.decrypts == 0
+    assert (
+        client.decrypt(bytes(b ^ 0x5A for b in b"k" * 1024), "faulty-key-1") == b"k" * 1024
+    )  # the limit itself is fine
