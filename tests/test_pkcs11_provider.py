@@ -85,6 +85,27 @@ def test_gcm_any_flipped_byte_is_rejected(gcm: Pkcs11Provider) -> None:
             gcm.decrypt(bytes(tampered), "", {}, "u")
 
 
+def test_a_device_fault_during_a_gcm_decrypt_is_unavailable_not_tampering(
+    gcm: Pkcs11Provider, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CKR_GENERAL_ERROR is both SoftHSM's failed tag check and a failing device's answer: only when the key can no
+    longer encrypt either is it the device, reported UNAVAILABLE (the connection rebuilt), not tampered data."""
+    seed = os.urandom(32)
+    blob = gcm.encrypt(seed, "u").ciphertext
+
+    def device_fault(*args: object) -> bytes:
+        raise PyKCS11.PyKCS11Error(PyKCS11.CKR_GENERAL_ERROR)
+
+    with monkeypatch.context() as faulty:
+        faulty.setattr(Direct, "gcm_decrypt", device_fault)
+        with pytest.raises(IntegrityError):  # the key still encrypts: it was the data
+            gcm.decrypt(blob, "", {}, "u")
+        faulty.setattr(Direct, "gcm_encrypt", device_fault)
+        with pytest.raises(BackendUnavailable, match="unavailable during decrypt"):
+            gcm.decrypt(blob, "", {}, "u")
+    assert gcm.decrypt(blob, "", {}, "u") == seed  # the device back: the rebuilt connection serves again
+
+
 def test_switching_mechanism_keeps_old_data_readable(hsm: SoftHsm, gcm: Pkcs11Provider, cbc: Pkcs11Provider) -> None:
     seed_gcm, seed_cbc = os.urandom(32), os.urandom(32)
     from_gcm = gcm.encrypt(seed_gcm, "u")

@@ -95,6 +95,15 @@ def _kcv(sess: Session, mechanism: Mechanism, aes: Any, mac: Any) -> bytes:
     return hashlib.sha256(b"kleidi-kcv-v1" + check).digest()[:FINGERPRINT_BYTES]
 
 
+def _key_answers(sess: Session, kek: _Kek) -> bool:
+    """Whether the token still encrypts with this KEK: tells a failed tag check from a failed device."""
+    try:
+        sess.direct.gcm_encrypt(sess.handle, kek.aes_handle, bytes(GCM_IV_BYTES), b"", _TAG_BITS, _ZERO_BLOCK)
+    except PyKCS11.PyKCS11Error:
+        return False
+    return True
+
+
 def _pad(data: bytes) -> bytes:
     size = AES_BLOCK - len(data) % AES_BLOCK
     return data + bytes((size,)) * size
@@ -361,10 +370,11 @@ class Pkcs11Provider:
                 )
             except PyKCS11.PyKCS11Error as exc:
                 # A failed tag check: SoftHSM says CKR_GENERAL_ERROR, the standard says ENCRYPTED_DATA_INVALID.
-                # If the device itself failed instead, replacing the session (it saw an error) finds out.
-                if exc.value in _TAG_MISMATCH:
-                    raise IntegrityError("ciphertext failed authentication: tampered, corrupted or truncated") from None
-                raise
+                # CKR_GENERAL_ERROR is also what a failing device says: the key is asked to encrypt once more,
+                # and only if it still can was it the data. Otherwise the connection is rebuilt (UNAVAILABLE).
+                if exc.value not in _TAG_MISMATCH or (exc.value in LOST and not _key_answers(sess, kek)):
+                    raise
+                raise IntegrityError("ciphertext failed authentication: tampered, corrupted or truncated") from None
         # Encrypt-then-MAC: the MAC is checked before the token decrypts anything; token errors here are
         # token failures, not tampering.
         expected = sess.direct.hmac_sha256(sess.handle, kek.mac_handle, blob.header + blob.iv + blob.ciphertext)
