@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kleidi.config import VaultConfig
-from kleidi.errors import BackendUnavailable, InvalidInput
+from kleidi.errors import AuthFailed, BackendUnavailable, InvalidInput
 from kleidi.observability import Metrics
 from kleidi.providers.vault import VaultProvider
-from kleidi.providers.vault_auth import VaultToken
+from kleidi.providers.vault_auth import VaultAuth, VaultToken
+from kleidi.providers.vault_fast import post_request
 from kleidi.providers.vault_http import Redactor, Reply, TlsFailure, VaultHttp
 
 pytestmark = pytest.mark.unit
@@ -145,3 +151,60 @@ def test_malformed_ciphertext_is_rejected_without_calling_vault(ciphertext: byte
             provider.decrypt(ciphertext, "", {}, "uid")
     finally:
         provider.close()
+
+
+def test_a_token_with_a_line_break_is_refused_before_it_reaches_a_header(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text("hvs.abcdefghijkl\r\nX-Forged: yes\n")
+    config = VaultConfig.model_validate(
+        {"address": "http://127.0.0.1:1", "timeout": "1s", "auth": {"method": "token", "token_file": str(token_file)}}
+    )
+    client = VaultHttp(config, Metrics())
+    sent: list[Any] = []
+    client.send = lambda *args: sent.append(args) or OK  # type: ignore[method-assign]
+    with pytest.raises(AuthFailed, match="holds spaces or control characters") as info:
+        VaultAuth(config, client, Metrics()).current(time.monotonic() + 1)
+    assert sent == [] and "Forged" not in str(info.value) and "hvs." not in str(info.value)
+
+
+def test_fast_path_requests_bracket_ipv6_and_refuse_line_breaks() -> None:
+    request = post_request("::1", 8200, "/v1/transit/encrypt/k", {"X-Vault-Token": "hvs.x"}, {"plaintext": "AA=="})
+    head, _, body = request.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[:3] == [
+        b"POST /v1/transit/encrypt/k HTTP/1.1",
+        b"Host: [::1]:8200",
+        f"Content-Length: {len(body)}".encode(),
+    ]
+    assert json.loads(body) == {"plaintext": "AA=="}
+    assert b"Host: vault.example:8200" in post_request("vault.example", 8200, "/v1/x", {}, {})
+    for bad in ({"X-Vault-Token": "hvs.x\r\nX-Forged: 1"}, {"X-Vault-Token": "hvs.x\n"}, {"X\r\nY": "1"}):
+        with pytest.raises(ValueError):
+            post_request("127.0.0.1", 8200, "/v1/x", bad, {})
+
+
+def test_an_oversized_vault_answer_is_refused_unread() -> None:
+    class Huge(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(8 * 1024 * 1024))
+            self.end_headers()
+            with contextlib.suppress(OSError):  # the client stops reading and closes
+                for _ in range(8 * 1024):
+                    self.wfile.write(b"x" * 1024)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Huge)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        config = VaultConfig.model_validate(
+            {"address": f"http://127.0.0.1:{server.server_address[1]}", "auth": {"token_env": "NOPE"}}
+        )
+        client = VaultHttp(config, Metrics())
+        with pytest.raises(BackendUnavailable, match="with over 1048576 bytes; refused unread"):
+            client.send("POST", "transit/encrypt/k", "encrypt", "hvs.x", {}, 5)
+        client.close()
+    finally:
+        server.shutdown()
+        server.server_close()

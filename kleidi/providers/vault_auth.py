@@ -196,8 +196,11 @@ class VaultAuth:
 
     def _use_configured_token(self, deadline: float) -> VaultToken:
         value = self._secret(self._auth.token_file, self._auth.token_env, "vault token")
-        reply = self._http.call("GET", "auth/token/lookup-self", "lookup", None, deadline, auth=_Fixed(value))
         where = f"token_file {self._auth.token_file}" if self._auth.token_file else f"${self._auth.token_env}"
+        if not value.isprintable() or any(c.isspace() for c in value):
+            # It goes into an HTTP header: a line break there would write headers of its own.
+            raise AuthFailed(f"the token from {where} holds spaces or control characters; a Vault token has none")
+        reply = self._http.call("GET", "auth/token/lookup-self", "lookup", None, deadline, auth=_Fixed(value))
         if reply.status in (401, 403):
             raise AuthFailed(f"the token from {where} is invalid, expired or revoked (lookup-self refused)")
         if reply.status != 200:

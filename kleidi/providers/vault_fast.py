@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from kleidi.providers.vault_http import Reply, VaultHttp
 _POOL_SIZE = 16
 # Bigger answers are not transit encrypt/decrypt answers: refuse rather than buffer them.
 _MAX_BODY = 64 * 1024
+_LINE_BREAK = re.compile(r"[\r\n\0]")
 
 
 class _Connection:
@@ -53,10 +55,10 @@ class FastTransit:
         if self._busy >= _POOL_SIZE:
             return None  # a burst beyond the pool: the worker path (bounded by ``workers``) takes the rest
         http = self._http
-        body = json.dumps(payload).encode()
-        head = [f"POST {http.target(path)} HTTP/1.1", f"Host: {http.host}:{http.port}", f"Content-Length: {len(body)}"]
-        head += [f"{name}: {value}" for name, value in http.headers(token).items()]
-        request = ("\r\n".join(head) + "\r\n\r\n").encode() + body
+        try:
+            request = post_request(http.host, http.port, http.target(path), http.headers(token), payload)
+        except ValueError:
+            return None  # a header http.client would refuse too: the regular path reports it
         self._busy += 1
         started = time.perf_counter()
         status = "error"
@@ -115,6 +117,18 @@ class FastTransit:
         for conn in idle:
             with contextlib.suppress(RuntimeError):  # the loop may be closed already at shutdown
                 conn.close()
+
+
+def post_request(host: str, port: int, target: str, headers: dict[str, str], payload: dict[str, Any]) -> bytes:
+    """The bytes of one HTTP/1.1 POST with a JSON body. Raises ValueError for a line break in any header, which
+    would otherwise write headers of its own (the checks http.client makes)."""
+    body = json.dumps(payload).encode()
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 address is bracketed
+    lines = [f"POST {target} HTTP/1.1", f"Host: {authority}", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    if any(_LINE_BREAK.search(line) for line in lines):
+        raise ValueError("a line break in a request header")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bool, bytes]:

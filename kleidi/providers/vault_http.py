@@ -20,6 +20,8 @@ from kleidi.config import VaultConfig
 from kleidi.errors import BackendUnavailable
 from kleidi.observability import Metrics
 
+# The largest answer read from Vault (key information with thousands of versions is far below it).
+_MAX_RESPONSE = 1024 * 1024
 # Idle connections kept open to Vault (busy ones are not limited: a burst opens more, then closes the extra).
 _POOL_SIZE = 32
 # Credentials the redactor remembers: the current ones and a few before them (older tokens have expired).
@@ -229,7 +231,7 @@ class VaultHttp:
                 try:
                     conn.request(method, target, body=body, headers=headers)
                     response = conn.getresponse()
-                    data = response.read()
+                    data = response.read(_MAX_RESPONSE + 1)
                 except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                     conn.close()
                     if reused:
@@ -238,6 +240,11 @@ class VaultHttp:
                 except BaseException:
                     conn.close()
                     raise
+                if len(data) > _MAX_RESPONSE:
+                    conn.close()  # the rest is never read: the connection cannot serve another request
+                    raise BackendUnavailable(
+                        f"Vault at {self.address} answered {operation} with over {_MAX_RESPONSE} bytes; refused unread"
+                    )
                 if response.will_close:
                     conn.close()
                 else:
