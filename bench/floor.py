@@ -86,6 +86,7 @@ class Floor:
         until = time.monotonic() + 20
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.monotonic() > until:
+                self.__exit__()
                 raise RuntimeError("the floor server did not start")
             time.sleep(0.02)
         return self

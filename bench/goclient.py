@@ -9,6 +9,7 @@ offline, in GOPATH mode:
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shutil
@@ -19,7 +20,6 @@ from pathlib import Path
 from bench.common import Result
 
 BENCH = Path(__file__).resolve().parent
-SOURCE = BENCH / "goclient" / "main.go"
 DEBIAN_GOPATH = "/usr/share/gocode"
 PROGRAMS = ("goclient", "transit")
 
@@ -41,6 +41,7 @@ def _build(program: str) -> Path:
             "the benchmarks need Go and grpc-go: `make bench` installs golang-go and golang-google-grpc-dev"
         )
     root = Path(tempfile.mkdtemp(prefix=f"kleidi-{program}-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)  # the binary and Go's build cache
     package = root / "src" / program
     package.mkdir(parents=True)
     shutil.copy(BENCH / program / "main.go", package / "main.go")

@@ -22,6 +22,9 @@ WITHOUT: dict[str, Callable[[], None]] = {"vault-fast-path": _no_vault_fast_path
 def main(argv: list[str]) -> int:
     if len(argv) < 2 or argv[0] != "--without" or argv[1] not in WITHOUT:
         raise SystemExit(f"usage: python -m bench.launch --without {{{','.join(WITHOUT)}}} KLEIDI-ARGS...")
+    from kleidi import tuning
+
+    tuning.grpc_environment()  # as `kleidi serve` does, before the hook's imports bring gRPC in
     WITHOUT[argv[1]]()
     from kleidi.cli import main as kleidi
 

@@ -113,17 +113,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         config: dict[str, Any] = {"provider": "pkcs11", "pkcs11": hsm.config("kek-1")}
         _apply(config, args.set)
         plugin = KleidiProcess(root / "kleidi", config, env=hsm.env)
-        started = time.perf_counter()
-        plugin.start(wait=False)
-        first_status = wait_for(lambda: _status_time(plugin, started), 30, "first Status", interval=0.005)
         plugins = {"kleidi": plugin}
-        for i, setting in enumerate(args.variant):
-            variant = json.loads(json.dumps(config))
-            _apply(variant, [setting])
-            name = f"{'.'.join(setting[0])}={setting[1]}"
-            plugins[name] = KleidiProcess(root / f"variant-{i}", variant, env=hsm.env)
-            plugins[name].start()
         try:
+            started = time.perf_counter()
+            plugin.start(wait=False)
+            first_status = wait_for(lambda: _status_time(plugin, started), 30, "first Status", interval=0.005)
+            for i, setting in enumerate(args.variant):
+                variant = json.loads(json.dumps(config))
+                _apply(variant, [setting])
+                name = f"{'.'.join(setting[0])}={setting[1]}"
+                plugins[name] = KleidiProcess(root / f"variant-{i}", variant, env=hsm.env)
+                plugins[name].start()
             targets: dict[str, tuple[str, dict[str, bytes]]] = {}
             for name, each in plugins.items():
                 each.wait_healthy()

@@ -57,6 +57,8 @@ def _serve(args: argparse.Namespace) -> int:
     setup_logging(cfg.log_level, cfg.log_format)
     for setting, advice in cfg.retired():
         log.warning("retired setting ignored; remove it from the config", extra={"setting": setting, "advice": advice})
+        if not log.isEnabledFor(logging.WARNING):  # log_level: error would hide it; an upgrade must not
+            print(f"kleidi: retired setting {setting} ignored; remove it from the config: {advice}", file=sys.stderr)
     from kleidi.server import serve
 
     try:

@@ -97,9 +97,9 @@ class Pkcs11Config(_Section):
     pool_size: int = Field(default=4, ge=1, le=64)
     # How long a request waits for a free session before failing UNAVAILABLE.
     session_timeout: Duration = 2.0
-    # Run token calls on the gRPC event loop instead of the worker pool. Saves a thread hop per call (about
-    # 0.2 ms), but a call that blocks stalls every RPC, Status included, so only for tokens that answer in
-    # microseconds and cannot hang: "auto" means SoftHSM2 only; hardware HSMs and TPMs use the pool.
+    # Run token calls on the gRPC event loop instead of the worker pool. Saves a thread hop per call
+    # (docs/performance.md), but a call that blocks stalls every RPC, Status included, so only for tokens that
+    # answer in microseconds and cannot hang: "auto" means SoftHSM2 only; hardware HSMs and TPMs use the pool.
     inline_calls: Literal["auto", "always", "never"] = "auto"
     # Encrypt and decrypt (AES-GCM) with a session copy of each KEK (C_CopyObject, CKA_TOKEN false) rather than
     # the token object: SoftHSM2 re-reads a token object's file on every use. A key deleted from the token
@@ -250,15 +250,7 @@ class Config(_Section):
         """(setting, what to do) for each retired setting this config still sets. A release that stops using a
         setting keeps accepting it for one more release, so an upgrade never turns a deployed config into a
         KMS outage; `kleidi serve` logs a warning naming each one."""
-        found = []
-        for prefix, section in (("", self), ("pkcs11.", self.pkcs11), ("vault.", self.vault)):
-            if section is None:
-                continue
-            for name in sorted(section.model_fields_set):
-                reason = type(section).model_fields[name].deprecated
-                if reason:
-                    found.append((prefix + name, str(reason)))
-        return found
+        return _retired(self, "")
 
     @property
     def socket_path(self) -> str:
@@ -267,6 +259,17 @@ class Config(_Section):
     @property
     def metrics_address(self) -> tuple[str, int] | None:
         return _host_port(self.metrics_listen) if self.metrics_listen else None
+
+
+def _retired(section: BaseModel, prefix: str) -> list[tuple[str, str]]:
+    found = []
+    for name in sorted(section.model_fields_set):
+        reason = type(section).model_fields[name].deprecated
+        if reason:
+            found.append((prefix + name, str(reason)))
+        elif isinstance(value := getattr(section, name), BaseModel):
+            found += _retired(value, f"{prefix}{name}.")
+    return found
 
 
 def socket_path(listen: str) -> str:

@@ -1,8 +1,8 @@
 """The fast path for transit encrypt/decrypt: one attempt over asyncio keep-alive connections, on the gRPC
 event loop itself.
 
-Handing a call to a worker thread and back costs two thread wake-ups, about 0.2 ms here, half of kleidi's
-budget over a raw transit call. So the common case (a valid token, a reachable Vault, a 200 answer) runs on
+Handing a call to a worker thread and back costs two thread wake-ups (docs/performance.md measures what this
+path buys). So the common case (a valid token, a reachable Vault, a 200 answer) runs on
 the loop without blocking it: the socket I/O is awaited. Anything else (no token yet, a refusal, a transport
 error, a 4xx/5xx) returns None and the caller takes the regular path on a worker thread, which owns every
 retry, re-login and error decision. There is one policy, and this is only its shortcut."""
