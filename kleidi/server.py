@@ -29,6 +29,8 @@ log = logging.getLogger("kleidi.server")
 # Data keys are 32 bytes (KMS v2 seeds, KMS v1 DEKs). The limit leaves every provider's wrapped form under
 # the apiserver's 1 kB ciphertext limit, so an oversized request is the caller's error, not a broken answer.
 _MAX_PLAINTEXT = 512
+# How often, at most, the socket's presence is checked (health_interval when that is shorter).
+_SOCKET_CHECK = 5.0
 
 T = TypeVar("T")
 
@@ -146,6 +148,10 @@ async def _offload(pool: futures.ThreadPoolExecutor, body: Callable[[float | Non
 async def _close_fast(fast: FastPath) -> None:
     fast.close_fast()
     await asyncio.sleep(0)  # let the transports run their close callbacks
+
+
+async def _stop_all(servers: list[grpc.aio.Server], grace: float) -> None:
+    await asyncio.gather(*(server.stop(grace) for server in servers))
 
 
 def _settle(done: asyncio.Future[T], result: T | None, exc: BaseException | None) -> None:
@@ -296,13 +302,19 @@ class KleidiServer:
         self.metrics = Metrics()
         self.provider = provider if provider is not None else build(config, self.metrics)
         self.health = HealthMonitor(self.provider, config.health_interval, self.metrics, config.health_timeout)
-        self._grpc: grpc.aio.Server | None = None
+        # The gRPC servers: one per time the socket was bound. A server whose socket was removed keeps serving the
+        # connections it has (an apiserver's stay open), so it is stopped only with the plugin.
+        self._grpc: list[grpc.aio.Server] = []
         self._probes: ProbeServer | None = None
         self._pool: futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._inode = 0
         self._stopped = threading.Event()
+        self._servicers: tuple[KmsV2Servicer, KmsV1Servicer] | None = None
+        self._watchdog: threading.Thread | None = None
+        self._binding = threading.Lock()  # a re-bind and stop() never interleave
+        self._socket_problem: str | None = None
 
     def start(self) -> None:
         cfg = self.config
@@ -318,18 +330,17 @@ class KleidiServer:
             self._probes.start()
         self.health.start()
         self._pool = futures.ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="kleidi-backend")
+        self._servicers = (  # shared by every gRPC server bound to the socket (a re-created socket gets a new one)
+            KmsV2Servicer(self.provider, self.health, self._new_call(contract.KMS_V2, self._pool)),
+            KmsV1Servicer(self.provider, self._new_call(contract.KMS_V1, self._pool)),
+        )
         # gRPC runs on an asyncio loop of its own thread; the caller keeps a plain blocking API (start/stop).
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(target=self._loop.run_forever, name="kleidi-grpc", daemon=True)
         self._loop_thread.start()
-        # The socket must never exist with a wider mode than configured, not even for an instant.
-        old_umask = os.umask(0o177)
-        try:
-            self._grpc = asyncio.run_coroutine_threadsafe(self._start_grpc(path, self._pool), self._loop).result(30)
-        finally:
-            os.umask(old_umask)
-        self._inode = os.lstat(path).st_ino
-        unixsocket.secure(path, cfg.socket_mode, gid)
+        self._grpc.append(self._bind(path, gid))
+        self._watchdog = threading.Thread(target=self._watch_socket, args=(gid,), name="kleidi-socket", daemon=True)
+        self._watchdog.start()
         log.info(
             "serving",
             extra={
@@ -340,7 +351,54 @@ class KleidiServer:
             },
         )
 
-    async def _start_grpc(self, path: str, pool: futures.ThreadPoolExecutor) -> grpc.aio.Server:
+    def _bind(self, path: str, gid: int | None) -> grpc.aio.Server:
+        """A gRPC server listening on ``path`` (prepared first), with the configured mode and group."""
+        assert self._loop is not None
+        # The socket must never exist with a wider mode than configured, not even for an instant.
+        old_umask = os.umask(0o177)
+        try:
+            server = asyncio.run_coroutine_threadsafe(self._start_grpc(path), self._loop).result(30)
+        finally:
+            os.umask(old_umask)
+        self._inode = os.lstat(path).st_ino
+        unixsocket.secure(path, self.config.socket_mode, gid)
+        return server
+
+    def _watch_socket(self, gid: int | None) -> None:
+        """The socket, or its directory, removed under a running plugin: no new connection can reach it.
+        Readiness says so within one health interval (at most _SOCKET_CHECK), and the socket is made again on a
+        new gRPC server, while the old one keeps serving the connections it has (an apiserver's stay open). An
+        apiserver that bind-mounted the removed directory sees only the old, empty one: to connect again, it
+        must be restarted (docs/operations.md)."""
+        path = self.config.socket_path
+        every = min(self.config.health_interval, _SOCKET_CHECK)
+        while not self._stopped.wait(every):
+            if unixsocket.is_ours(path, self._inode):
+                continue
+            if self._socket_problem is None:
+                log.warning(
+                    "socket gone: no new connection can reach the plugin; re-creating it", extra={"socket": path}
+                )
+                self._socket_problem = f"socket {path} is gone; re-creating it"
+            try:
+                unixsocket.prepare(path, gid)
+                with self._binding:
+                    if self._stopped.is_set():
+                        return
+                    self._grpc.append(self._bind(path, gid))
+            except (KleidiError, OSError) as exc:
+                problem = f"socket {path} is gone and cannot be re-created: {exc}"
+                if problem != self._socket_problem:
+                    log.error("cannot re-create the socket", extra={"socket": path, "reason": str(exc)})
+                    self._socket_problem = problem
+                continue
+            self._socket_problem = None
+            log.warning(
+                "socket re-created; an apiserver that mounted the removed directory must be restarted to reach it",
+                extra={"socket": path},
+            )
+
+    async def _start_grpc(self, path: str) -> grpc.aio.Server:
         cfg = self.config
         server = grpc.aio.server(
             options=[
@@ -349,12 +407,10 @@ class KleidiServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        v2_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            KmsV2Servicer(self.provider, self.health, self._new_call(contract.KMS_V2, pool)), server
-        )
-        v1beta1_pb2_grpc.add_KeyManagementServiceServicer_to_server(  # type: ignore[no-untyped-call]
-            KmsV1Servicer(self.provider, self._new_call(contract.KMS_V1, pool)), server
-        )
+        assert self._servicers is not None
+        v2, v1 = self._servicers
+        v2_pb2_grpc.add_KeyManagementServiceServicer_to_server(v2, server)  # type: ignore[no-untyped-call]
+        v1beta1_pb2_grpc.add_KeyManagementServiceServicer_to_server(v1, server)  # type: ignore[no-untyped-call]
         try:
             server.add_insecure_port(f"unix:{path}")
         except RuntimeError as exc:  # grpc reports a failed bind this way, with no errno
@@ -366,6 +422,9 @@ class KleidiServer:
         return _Call(self.metrics, self.health, api, pool, self.provider)
 
     def _probe_health(self) -> tuple[bool, str]:
+        problem = self._socket_problem
+        if problem is not None:
+            return False, problem
         state = self.health.state
         return state.ok, state.reason
 
@@ -374,11 +433,13 @@ class KleidiServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._watchdog is not None:
+            self._watchdog.join(40)  # it checks _stopped before and after any re-bind, which takes at most 30 s
         loop = self._loop
         if loop is not None:
-            if self._grpc is not None:
-                stopping = asyncio.run_coroutine_threadsafe(self._grpc.stop(self.config.shutdown_grace), loop)
-                stopping.result(self.config.shutdown_grace + 10)
+            if self._grpc:
+                grace = self.config.shutdown_grace
+                asyncio.run_coroutine_threadsafe(_stop_all(self._grpc, grace), loop).result(grace + 10)
                 unixsocket.remove(self.config.socket_path, self._inode)
             fast = fast_path(self.provider)
             if fast is not None:  # its connections belong to the loop: close them there, while it still runs

@@ -89,9 +89,17 @@ def secure(path: str, mode: int, gid: int | None) -> None:
         raise ConfigError(f"socket_group/socket_mode: cannot apply them to {path}: {exc.strerror}") from None
 
 
+def is_ours(path: str, inode: int) -> bool:
+    """Whether ``path`` is still the socket this process bound (same inode)."""
+    try:
+        st = os.lstat(path)
+    except OSError:  # gone, or its directory replaced by something else
+        return False
+    return stat.S_ISSOCK(st.st_mode) and st.st_ino == inode
+
+
 def remove(path: str, inode: int) -> None:
     """Remove the socket only if it is still the one this process created."""
-    with contextlib.suppress(FileNotFoundError):
-        st = os.lstat(path)
-        if stat.S_ISSOCK(st.st_mode) and st.st_ino == inode:
+    if is_ours(path, inode):
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -232,3 +235,37 @@ def test_a_ciphertext_larger_than_any_of_kleidis_never_reaches_the_backend(
     assert (
         client.decrypt(bytes(b ^ 0x5A for b in b"k" * 1024), "faulty-key-1") == b"k" * 1024
     )  # the limit itself is fine
+
+
+def _probe(server: KleidiServer, path: str) -> tuple[int, str]:
+    assert server._probes is not None
+    host, port = server._probes.address[:2]
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=2) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+
+
+def test_a_removed_socket_directory_turns_readiness_false_until_the_socket_is_back(
+    running: tuple[KleidiServer, FaultyProvider, KmsClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    server, _, connected = running
+    assert connected.status().healthz == "ok"  # a connection made before, as an apiserver's
+    socket_dir = Path(server.config.socket_path).parent
+    assert _probe(server, "/readyz")[0] == 200
+    shutil.rmtree(socket_dir)
+    socket_dir.write_text("in the way")  # so the socket cannot be made again yet
+    _, reason = wait_for(lambda: (p := _probe(server, "/readyz"))[0] == 503 and p, 5, "readiness to drop")
+    assert "is gone and cannot be re-created" in reason and server.config.socket_path in reason
+    assert _probe(server, "/healthz")[0] == 503
+    socket_dir.unlink()
+    wait_for(lambda: _probe(server, "/readyz")[0] == 200, 5, "readiness once the socket is back")
+    with KmsClient(server.config.listen, timeout=2) as fresh:  # a new connection reaches the new socket
+        assert fresh.status().healthz == "ok"
+        assert fresh.decrypt(fresh.encrypt(b"k" * 32).ciphertext) == b"k" * 32
+    assert os.stat(server.config.socket_path).st_mode & 0o777 == server.config.socket_mode
+    assert connected.decrypt(connected.encrypt(b"o" * 32).ciphertext) == b"o" * 32  # still served all along
+    messages = [r.getMessage() for r in caplog.records if r.name == "kleidi.server"]
+    assert any(m.startswith("socket gone") for m in messages)
+    assert any(m.startswith("socket re-created") for m in messages)
