@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -173,6 +175,28 @@ class VaultConfig(_Section):
     key_name: str = Field(default="kleidi", min_length=1)
     timeout: Duration = 5.0
     auth: VaultAuthConfig = Field(default_factory=lambda: VaultAuthConfig(method="token", token_env="VAULT_TOKEN"))  # noqa: S106 - a variable name
+    # A plain http:// address that is not loopback is refused unless this is true: the token and every data key
+    # would cross the network in clear.
+    allow_http: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> VaultConfig:
+        url = urllib.parse.urlsplit(self.address)
+        if url.scheme == "http" and not self.allow_http and not _loopback(url.hostname or ""):
+            raise ValueError(
+                f"{self.address} is plain http: the Vault token and every data key would cross the network in clear. "
+                "Use https:// (with ca_cert), or set vault.allow_http: true if the path is private by other means"
+            )
+        return self
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 class Config(_Section):

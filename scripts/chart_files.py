@@ -59,6 +59,9 @@ _FIELD_CHECKS: dict[str, dict[str, Any]] = {
     "config.metrics_listen": {"pattern": "^(.*:[0-9]{1,5})?$"},
 }
 
+# The loopback addresses a plain http:// vault.address may name without allow_http (kleidi.config._loopback).
+_LOOPBACK_HTTP = r"^http://(localhost|127(\.[0-9]{1,3}){3}|\[::1\])(:[0-9]+)?(/.*)?$"
+
 _CONSTRAINTS = {
     annotated_types.Ge: ("minimum", "ge"),
     annotated_types.Le: ("maximum", "le"),
@@ -196,7 +199,15 @@ def _section_rules() -> dict[str, dict[str, Any]]:
                 },
             ]
         },
-        "vault": {"properties": {"auth": {"allOf": auth_rules}}},
+        "vault": {
+            "properties": {"auth": {"allOf": auth_rules}},
+            # VaultConfig._check: plain http only to loopback, unless allow_http (RE2 has no lookahead: if/not).
+            "if": {
+                "required": ["address"],
+                "properties": {"address": {"pattern": "^http://", "not": {"pattern": _LOOPBACK_HTTP}}},
+            },
+            "then": {"required": ["allow_http"], "properties": {"allow_http": {"const": True}}},
+        },
     }
 
 

@@ -137,6 +137,13 @@ CASES: list[tuple[dict[str, Any], bool]] = [
     (VAULT, True),
     ({**VAULT, "config.vault.address": "vault.example:8200"}, False),
     ({**VAULT, "config.vault.ca_cert": "/etc/kleidi/ca.pem"}, True),
+    # plain http: only to loopback, unless allow_http says the path is private by other means
+    ({**VAULT, "config.vault.address": "http://vault.example:8200"}, False),
+    ({**VAULT, "config.vault.address": "http://vault.example:8200", "config.vault.allow_http": True}, True),
+    ({**VAULT, "config.vault.address": "http://10.0.0.1:8200"}, False),
+    ({**VAULT, "config.vault.address": "http://127.0.0.1:8200"}, True),
+    ({**VAULT, "config.vault.address": "http://localhost:8200"}, True),
+    ({**VAULT, "config.vault.address": "http://[::1]:8200"}, True),
     ({**VAULT, "config.pkcs11": None}, True),
     ({"config.pkcs11": None}, False),
     ({"config.pkcs11.token_label": "x" * 33}, False),

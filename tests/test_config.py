@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kleidi.config import load, parse_duration
+from kleidi.config import load, parse_duration, validate
 from kleidi.errors import ConfigError
 
 pytestmark = pytest.mark.unit
@@ -127,3 +127,28 @@ def test_pin_comes_from_file_or_env(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert env_cfg.pkcs11 is not None
     with pytest.raises(ConfigError, match="KLEIDI_PIN is not set"):
         env_cfg.pkcs11.pin()
+
+
+@pytest.mark.parametrize(
+    ("address", "allow_http", "accepted"),
+    [
+        ("https://vault.example:8200", False, True),
+        ("http://vault.example:8200", False, False),
+        ("http://10.0.0.7:8200", False, False),
+        ("http://vault.example:8200", True, True),
+        ("http://127.0.0.1:8200", False, True),
+        ("http://127.8.9.10:8200", False, True),
+        ("http://localhost:8200", False, True),
+        ("http://[::1]:8200", False, True),
+    ],
+)
+def test_plain_http_to_vault_only_to_loopback_or_when_allowed(address: str, allow_http: bool, accepted: bool) -> None:
+    vault = {"address": address, "allow_http": allow_http, "auth": {"method": "token", "token_env": "T"}}
+    data = {"provider": "vault", "vault": vault}
+    if accepted:
+        assert validate(data).vault is not None
+        return
+    with pytest.raises(ConfigError) as info:
+        validate(data)
+    assert str(info.value).startswith("config: vault: ") and "plain http" in str(info.value)
+    assert "vault.allow_http: true" in str(info.value)

@@ -192,7 +192,7 @@ def backend_facts(output: str) -> dict[str, dict[str, Any]]:
     return facts
 
 
-def expected_fact(s: Setup, auth: dict[str, str], **settings: str) -> dict[str, Any]:
+def expected_fact(s: Setup, auth: dict[str, str], **settings: Any) -> dict[str, Any]:
     return {
         "provider": "vault",
         "settings": {
@@ -390,6 +390,9 @@ def token_scenario(server: OpenBao, root: Path) -> None:
     check_least_privilege(s, created)
     check_second_run(s)
     check_no_secret_in_output(s, [created, supplied])
+    # kleidi_vault_allow_http reaches the plugin's own config, which makes the same check (kleidi.config)
+    s.play(kleidi_vault_allow_http=True).assert_ok()
+    assert backend_facts(s.outputs[-1])["cp-1"] == expected_fact(s, auth, allow_http=True)
 
 
 def cert_scenario(root: Path) -> None:
