@@ -21,7 +21,7 @@ from bench.common import Result
 
 BENCH = Path(__file__).resolve().parent
 DEBIAN_GOPATH = "/usr/share/gocode"
-PROGRAMS = ("goclient", "transit")
+PROGRAMS = ("goclient", "transit", "soakclient")
 
 
 def require(program: str = "goclient") -> Path:
@@ -36,7 +36,7 @@ def require(program: str = "goclient") -> Path:
 def _build(program: str) -> Path:
     if shutil.which("go") is None:
         raise SystemExit("the benchmarks need Go: `make bench` installs golang-go")
-    if program == "goclient" and not Path(DEBIAN_GOPATH, "src/google.golang.org/grpc").is_dir():
+    if program != "transit" and not Path(DEBIAN_GOPATH, "src/google.golang.org/grpc").is_dir():
         raise SystemExit(
             "the benchmarks need Go and grpc-go: `make bench` installs golang-go and golang-google-grpc-dev"
         )
