@@ -55,6 +55,7 @@ func main() {
 	sock := flag.String("socket", "", "unix socket")
 	clients := flag.Int("clients", 4, "concurrent clients")
 	duration := flag.Duration("duration", 30*time.Minute, "how long to run")
+	pause := flag.Duration("pause", 0, "pause between one client's calls (0: back to back)")
 	var mix calls
 	flag.Var(&mix, "call", "/service/Method=hex-request, repeatable: each client cycles through them")
 	flag.Parse()
@@ -90,6 +91,7 @@ func main() {
 				if err != nil {
 					time.Sleep(10 * time.Millisecond) // an outage is counted, not hammered
 				}
+				time.Sleep(*pause)
 			}
 		}(i, conn)
 	}
