@@ -54,6 +54,21 @@ def measure(make_call: Callable[[int], Callable[[], object]], clients: int, call
     )
 
 
+def median(results: list[Result]) -> Result:
+    """Column by column, the median of several rounds' results."""
+    return Result(
+        ops_per_s=statistics.median(r.ops_per_s for r in results),
+        p50_ms=statistics.median(r.p50_ms for r in results),
+        p99_ms=statistics.median(r.p99_ms for r in results),
+    )
+
+
+def rotated(names: list[str], number: int) -> list[str]:
+    """The order round ``number`` measures ``names`` in: each goes first in turn, so none always runs warmest."""
+    shift = number % len(names)
+    return names[shift:] + names[:shift]
+
+
 HEADER = f"{'operation':<26}{'clients':>8}{'ops/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'raw ops/s':>11}{'raw p50':>9}" + (
     f"{'p50 over raw':>14}{'ops ratio':>11}"
 )

@@ -25,7 +25,7 @@ import PyKCS11
 import yaml
 
 from bench import goclient
-from bench.common import Result, kms_requests, measure, rss_mib
+from bench.common import Result, kms_requests, measure, median, rotated, rss_mib
 from bench.floor import Floor
 from kleidi.client import KmsClient
 from tests.backends.softhsm import SoftHsm
@@ -153,22 +153,13 @@ def _round(
     """Every operation at 1 and at 8 callers on every target back to back (this VM's throughput drifts by 20%
     within a minute, so a ratio compares measurements taken together), the order rotating by round."""
     found: dict[tuple[str, str, int], Result] = {}
-    names = list(targets)
-    order = names[number % len(names) :] + names[: number % len(names)]
+    order = rotated(list(targets), number)
     for op in operations:
         for n in CLIENTS:
             for who in order:
                 socket, requests = targets[who]
                 found[who, op, n] = goclient.measure(binary, socket, METHODS[op], requests[op], n, CALLS)
     return found
-
-
-def _median(results: list[Result]) -> Result:
-    return Result(
-        ops_per_s=statistics.median(r.ops_per_s for r in results),
-        p50_ms=statistics.median(r.p50_ms for r in results),
-        p99_ms=statistics.median(r.p99_ms for r in results),
-    )
 
 
 def _report(
@@ -195,8 +186,8 @@ def _report(
     ratios = {(who, op, n): _ratios(rounds, who, op, n) for who in rss for op in operations for n in CLIENTS}
     for op in operations:
         for n in CLIENTS:
-            ours = _median([r["kleidi", op, n] for r in rounds])
-            floor = _median([r["floor", op, n] for r in rounds])
+            ours = median([r["kleidi", op, n] for r in rounds])
+            floor = median([r["floor", op, n] for r in rounds])
             each = ratios["kleidi", op, n]
             token = raw[n][op.split()[1]].ops_per_s
             print(

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import goclient
-from bench.common import Result, kms_requests
+from bench.common import Result, kms_requests, median, rotated
 from kleidi.api import v2_pb2
 from tests.backends.openbao import OpenBao, vault_section
 from tests.plugin import KleidiProcess
@@ -112,21 +112,12 @@ def _round(callers: dict[str, _Measure], number: int) -> dict[tuple[str, str, in
     """Each operation at 1 and at 8 callers, every caller back to back (this VM's throughput drifts within a
     minute, so a ratio compares measurements taken together), the order rotating by round."""
     found: dict[tuple[str, str, int], Result] = {}
-    names = list(callers)
-    order = names[number % len(names) :] + names[: number % len(names)]
+    order = rotated(list(callers), number)
     for op in OPERATIONS:
         for n in CLIENTS:
             for who in order:
                 found[who, op, n] = callers[who](op, n)
     return found
-
-
-def _median(results: list[Result]) -> Result:
-    return Result(
-        ops_per_s=statistics.median(r.ops_per_s for r in results),
-        p50_ms=statistics.median(r.p50_ms for r in results),
-        p99_ms=statistics.median(r.p99_ms for r in results),
-    )
 
 
 def _report(rounds: list[dict[tuple[str, str, int], Result]], calls: int) -> None:
@@ -142,8 +133,8 @@ def _report(rounds: list[dict[tuple[str, str, int], Result]], calls: int) -> Non
     ratios: dict[tuple[str, int], float] = {}
     for op in OPERATIONS:
         for n in CLIENTS:
-            ours = _median([r["kleidi", op, n] for r in rounds])
-            raw = _median([r["raw", op, n] for r in rounds])
+            ours = median([r["kleidi", op, n] for r in rounds])
+            raw = median([r["raw", op, n] for r in rounds])
             each = [r["kleidi", op, n].ops_per_s / r["raw", op, n].ops_per_s for r in rounds]
             ratios[op, n] = statistics.median(each)
             print(
