@@ -190,6 +190,67 @@ class VaultConfig(_Section):
         return self
 
 
+def _endpoint(value: str, what: str) -> str:
+    """A host:port (IPv6 in brackets), with no scheme: the form gRPC and the TLS name check both take."""
+    host, sep, port = value.rpartition(":")
+    if "://" in value or not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{what} must be host:port (an IPv6 address in brackets), got {value!r}")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):
+        raise ValueError(f"{what}: an IPv6 address must be in brackets, as [::1]:8443, got {value!r}")
+    return value
+
+
+class RemoteConfig(_Section):
+    """Proxy mode, on a control-plane node: the KMS calls go to kleidi key servers (serve_remote) over mutual TLS.
+    docs/remote.md."""
+
+    # Key servers as host:port, tried in this order; the next one is tried when one does not answer. Every one
+    # must serve the same KEK: one whose key_id differs from the others' is refused until it agrees again.
+    endpoints: list[str] = Field(min_length=1, max_length=8)
+    # The CA that signed the key servers' certificates; use one dedicated to this mode, never the cluster's.
+    ca_cert: str = Field(min_length=1)
+    # This node's client certificate and its key (PEM). All three files are re-read when they change.
+    client_cert: str = Field(min_length=1)
+    client_key: str = Field(min_length=1)
+    # How long one key server may take to answer. The apiserver gives a KMS call 3 s in all: keep
+    # timeout x endpoints under that, so a call can still fail over to the last endpoint.
+    timeout: Duration = 1.0
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, value: list[str]) -> list[str]:
+        for endpoint in value:
+            _endpoint(endpoint, "each endpoint")
+        if len(set(value)) != len(value):
+            raise ValueError("endpoints must not repeat")
+        return value
+
+
+class ServeRemoteConfig(_Section):
+    """Key server mode: besides its own unix socket, kleidi serves its provider to proxy-mode plugins (provider:
+    remote) over mutual TLS on a TCP port. There is no plaintext listener. docs/remote.md."""
+
+    listen: str = Field(min_length=1)
+    # Client certificates must chain to this CA: one dedicated to this mode, never the cluster's.
+    ca_cert: str = Field(min_length=1)
+    # The key server's certificate and key (PEM). All three files are re-read when they change.
+    cert: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+    # When not empty, a client certificate must also carry one of these names among its subject alternative names
+    # (DNS, URI or IP); the others are refused at connection, and the refusal is logged.
+    allowed_client_names: list[str] = Field(default_factory=list, max_length=1024)
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str) -> str:
+        return _endpoint(value, "listen")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+
 def _loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -206,7 +267,7 @@ class Config(_Section):
     socket_mode: FileMode = 0o600
     # Group that owns the socket (name or gid); empty keeps the process's group.
     socket_group: str = ""
-    provider: Literal["pkcs11", "vault"]
+    provider: Literal["pkcs11", "vault", "remote"]
     health_interval: Duration = 30.0
     # A backend check still running after this long turns Status and /healthz unhealthy ("hung").
     health_timeout: Duration = 10.0
@@ -227,21 +288,22 @@ class Config(_Section):
     )
     pkcs11: Pkcs11Config | None = None
     vault: VaultConfig | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_remote_yet(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("provider") == "remote":
-            raise ValueError("provider remote is not available in this version (use pkcs11 or vault)")
-        return data
+    remote: RemoteConfig | None = None
+    # Also serve the provider to proxy-mode plugins on other hosts (this host is then a key server).
+    serve_remote: ServeRemoteConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Config:
         if getattr(self, self.provider) is None:
             raise ValueError(f"provider is {self.provider} but the {self.provider} section is missing")
+        if self.provider == "remote" and self.serve_remote is not None:
+            raise ValueError("serve_remote needs a local provider (pkcs11 or vault): a key server does not forward")
         # A check may legitimately take as long as the backend's own timeout; only beyond that is it hung.
         if self.vault is not None and self.provider == "vault":
             longest, name = self.vault.timeout, "vault.timeout"
+        elif self.remote is not None and self.provider == "remote":
+            # The key servers are asked side by side, each for at most remote.timeout.
+            longest, name = self.remote.timeout, "remote.timeout"
         else:
             assert self.pkcs11 is not None
             longest, name = self.pkcs11.check_timeout, "pkcs11.session_timeout"

@@ -102,6 +102,48 @@ class Metrics:
         self.vault_token_ttl = Gauge(
             "kleidi_vault_token_ttl_seconds", "Seconds left on the Vault/OpenBao token at the last check", registry=r
         )
+        # Proxy mode, on the control-plane side (provider: remote). Endpoints are the configured host:port strings.
+        self.remote_calls = Counter(
+            "kleidi_remote_calls_total",
+            "Calls to key servers by endpoint, method and gRPC status code",
+            ["endpoint", "method", "code"],
+            registry=r,
+        )
+        self.remote_failovers = Counter(
+            "kleidi_remote_failovers_total",
+            "Calls that a key server did not answer and the next endpoint was tried for",
+            ["endpoint"],
+            registry=r,
+        )
+        self.remote_endpoint_up = Gauge(
+            "kleidi_remote_endpoint_up",
+            "1 while a key server answered the last check healthy and with the agreed key_id",
+            ["endpoint"],
+            registry=r,
+        )
+        self.remote_key_mismatch = Gauge(
+            "kleidi_remote_endpoint_key_mismatch",
+            "1 while a key server reports a key_id that differs from the other endpoints' (it is not used)",
+            ["endpoint"],
+            registry=r,
+        )
+        # Proxy mode, on the key server side (serve_remote).
+        self.remote_connections = Counter(
+            "kleidi_remote_connections_total",
+            "Connections from proxy-mode clients by result: accepted, or the reason they were refused "
+            "(handshake: no or untrusted certificate, or not TLS; not_allowed: not on allowed_client_names)",
+            ["result"],
+            registry=r,
+        )
+        self.remote_connections_open = Gauge(
+            "kleidi_remote_connections_open", "Proxy-mode client connections open now", registry=r
+        )
+        self.tls_reloads = Counter(
+            "kleidi_tls_reloads_total",
+            "Certificate and key files re-read after they changed, by side (client or server) and result",
+            ["side", "result"],
+            registry=r,
+        )
         self._key_label: str | None = None
         self._lock = threading.Lock()
 

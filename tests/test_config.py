@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,11 +43,25 @@ def test_the_documented_example_loads_with_defaults(tmp_path: Path) -> None:
     assert cfg.pkcs11 is not None and cfg.pkcs11.pool_size == 4
 
 
+REMOTE: dict[str, Any] = {
+    "provider": "remote",
+    "remote": {"endpoints": ["ks:8443"], "ca_cert": "ca.pem", "client_cert": "c.pem", "client_key": "k.pem"},
+}
+SERVE = {"listen": "0.0.0.0:8443", "ca_cert": "ca.pem", "cert": "s.pem", "key": "s-key.pem"}
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"listn": "x"}, "config: listn: unknown key"),
-        ({"provider": "remote"}, "provider remote is not available"),
+        ({"provider": "remote"}, "provider is remote but the remote section is missing"),
+        ({**REMOTE, "remote": {**REMOTE["remote"], "endpoints": []}}, "config: remote.endpoints:"),
+        ({**REMOTE, "remote": {**REMOTE["remote"], "endpoints": ["https://ks:8443"]}}, "must be host:port"),
+        ({**REMOTE, "remote": {**REMOTE["remote"], "endpoints": ["::1:8443"]}}, "must be in brackets"),
+        ({**REMOTE, "remote": {**REMOTE["remote"], "endpoints": ["ks:8443", "ks:8443"]}}, "must not repeat"),
+        ({**REMOTE, "serve_remote": SERVE}, "serve_remote needs a local provider"),
+        ({"serve_remote": {**SERVE, "listen": "8443"}}, "config: serve_remote.listen: listen must be host:port"),
+        ({"serve_remote": {**SERVE, "client_ca": "x"}}, "config: serve_remote.client_ca: unknown key"),
         ({"provider": "hsm"}, "config: provider:"),
         ({"listen": "tcp://1.2.3.4:5"}, "config: listen: listen must be unix:///absolute/path"),
         ({"listen": "unix:///@abstract"}, "abstract sockets"),
@@ -152,3 +167,12 @@ def test_plain_http_to_vault_only_to_loopback_or_when_allowed(address: str, allo
         validate(data)
     assert str(info.value).startswith("config: vault: ") and "plain http" in str(info.value)
     assert "vault.allow_http: true" in str(info.value)
+
+
+def test_remote_and_serve_remote_sections(tmp_path: Path) -> None:
+    cfg = load(_write(tmp_path, {**_base(), **REMOTE, "remote": {**REMOTE["remote"], "endpoints": ["[::1]:8443"]}}))
+    assert cfg.remote is not None and cfg.remote.timeout == 1.0 and cfg.remote.endpoints == ["[::1]:8443"]
+    assert cfg.health_timeout > cfg.remote.timeout
+    cfg = load(_write(tmp_path, {**_base(), "serve_remote": {**SERVE, "listen": "[::]:8443"}}))
+    assert cfg.serve_remote is not None and cfg.serve_remote.address == ("::", 8443)
+    assert cfg.serve_remote.allowed_client_names == []
