@@ -27,8 +27,39 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--timeout", type=float, default=3.0, help="per-call deadline in seconds (apiserver: 3)")
     check.add_argument("--v1", action="store_true", help="also check the v1beta1 API")
 
+    _pki_parser(sub)
     sub.add_parser("version", help="print the version")
     return parser
+
+
+def _pki_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    pki = sub.add_parser("pki", help="make the dev/test certificates of proxy mode (docs/remote.md)")
+    verbs = pki.add_subparsers(dest="pki_command", required=True, metavar="VERB")
+    init = verbs.add_parser("init", help="a new CA dedicated to proxy mode, and key server and client certificates")
+    issue = verbs.add_parser("issue", help="more certificates from the CA in --dir (new nodes, rotation)")
+    for verb in (init, issue):
+        verb.add_argument("--dir", required=True, help="the CA's directory (ca.pem, ca-key.pem); created by init")
+        verb.add_argument(
+            "--server",
+            action="append",
+            default=[],
+            metavar="NAME[,EXTRA_SAN...]",
+            help="a key server certificate (server-NAME.pem); IP literals become IP SANs; repeatable",
+        )
+        verb.add_argument(
+            "--client",
+            action="append",
+            default=[],
+            metavar="NAME",
+            help="a client certificate (client-NAME.pem) with CN and DNS SAN NAME, for allowed_client_names; "
+            "repeatable",
+        )
+        verb.add_argument("--days", type=int, default=365, help="validity of the certificates (default 365)")
+    init.add_argument("--ca-days", type=int, default=3650, help="validity of the CA (default 3650)")
+    init.add_argument("--ca-name", default="kleidi proxy-mode CA", help="the CA's common name")
+    issue.add_argument(
+        "--out", help="write the certificates here instead of --dir (rotation: files are never overwritten)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +71,39 @@ def main(argv: list[str] | None = None) -> int:
         from kleidi.check import run_check
 
         return run_check(args.socket, args.timeout, include_v1=args.v1)
+    if args.command == "pki":
+        return _pki(args)
     return _serve(args)
+
+
+def _pki(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kleidi import pki
+
+    try:
+        requests = [pki.Request("server", *_server_spec(spec)) for spec in args.server]
+        requests += [pki.Request("client", name) for name in args.client]
+        if args.pki_command == "init":
+            written = pki.init(Path(args.dir), requests, args.days, args.ca_days, args.ca_name)
+        else:
+            if not requests:
+                print("kleidi: pki issue: give at least one --server or --client", file=sys.stderr)
+                return 2
+            written = pki.issue(Path(args.dir), requests, Path(args.out) if args.out else None, args.days)
+    except pki.PkiError as exc:
+        print(f"kleidi: pki: {exc}", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+def _server_spec(spec: str) -> tuple[str, tuple[str, ...]]:
+    from kleidi import pki
+
+    name, extra = pki.parse_server_spec(spec)
+    return name, tuple(extra)
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import atexit
 import base64
-import datetime
-import ipaddress
 import json
 import os
 import secrets
@@ -26,11 +24,10 @@ from typing import Any
 
 import hvac
 import requests
-from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
+from kleidi import pki
 from tests.backends.process import die_with_parent, stop_process
 from tests.plugin import free_port, wait_for
 
@@ -48,60 +45,31 @@ def bao_binary() -> str:
 
 
 class TestCA:
-    """A throwaway certificate authority; issues server and client certificates as PEM files under ``root``."""
+    """A throwaway certificate authority (kleidi.pki's, valid for a day); issues server and client certificates
+    as PEM files under ``root``."""
 
     __test__ = False  # not a pytest test class
 
     def __init__(self, root: Path, name: str = "kleidi test CA") -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-        now = datetime.datetime.now(datetime.UTC)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(subject)
-            .issuer_name(subject)
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
-            .sign(self.key, hashes.SHA256())
-        )
-        self.pem = self.cert.public_bytes(serialization.Encoding.PEM).decode()
+        self._ca = pki.new_ca(name, days=1)
+        self.key = self._ca.key
+        self.cert = self._ca.cert
+        self.pem = self._ca.cert_pem().decode()
         self.file = root / f"{name.replace(' ', '-')}.pem"
         self.file.write_text(self.pem)
 
     def issue(self, name: str, *, client: bool = False, ips: tuple[str, ...] = ("127.0.0.1",)) -> tuple[Path, Path]:
-        """A leaf certificate for ``name`` (and ``ips``); returns (cert file, key file)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.UTC)
-        usage = ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        )
-        if not client:
-            sans: list[x509.GeneralName] = [x509.DNSName("localhost")]
-            sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(self.key, hashes.SHA256())
+        """A leaf certificate for ``name`` (and, for a server, localhost and ``ips``); returns (cert file, key file)."""
+        if client:
+            issued = pki.client_cert(self._ca, name, days=1)
+        else:
+            issued = pki.server_cert(self._ca, name, ("localhost", *ips), days=1)
         cert_file = self.root / f"{name}.crt"
         key_file = self.root / f"{name}.key"
-        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        key_file.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
+        cert_file.write_bytes(issued.cert_pem())
+        key_file.write_bytes(issued.key_pem())
         key_file.chmod(0o600)
         return cert_file, key_file
 
