@@ -24,8 +24,9 @@ _ROLE_OPTIONS: dict[str, dict[str, Any]] = {
     "kleidi_plugin_backend": {
         "type": "dict",
         "required": True,
-        "description": "What the backend role that ran first (kleidi_softhsm, kleidi_tpm2 or kleidi_vault) reports: "
-        "provider, settings (the provider section of kleidi.yaml), env and volumes the plugin needs.",
+        "description": "What the backend role that ran first (kleidi_softhsm, kleidi_tpm2, kleidi_vault or "
+        "kleidi_remote) reports: provider, settings (the provider section of kleidi.yaml), env and volumes the plugin "
+        "needs.",
     },
     "kleidi_plugin_values_file": {
         "type": "path",
@@ -85,9 +86,23 @@ _VALUES_TYPES: dict[str, Any] = {
 }
 
 
+# Settings the Helm values leave out, because the chart refuses them: a key server's (roles/kleidi_keyserver sets
+# them through kleidi_plugin_values).
+_KEY_SERVER_DOCS = {
+    "config.serve_remote": "Key servers only (the kleidi_keyserver role sets it): also serve the provider to "
+    "proxy-mode plugins (provider remote) over mutual TLS; docs/remote.md.",
+    "config.serve_remote.listen": "TCP host:port the key server listens on, e.g. 0.0.0.0:8443.",
+    "config.serve_remote.ca_cert": "CA (PEM) the clients' certificates must chain to: one dedicated to proxy mode.",
+    "config.serve_remote.cert": "The key server's certificate (PEM), with the name the clients dial among its SANs.",
+    "config.serve_remote.key": "The key server's private key (PEM).",
+    "config.serve_remote.allowed_client_names": "When not empty, a client certificate must also carry one of these "
+    "names among its SANs; others are refused and logged.",
+}
+
+
 def _option(annotation: Any, path: str, docs: dict[str, str], is_parsed: bool = False) -> dict[str, Any]:
     inner, _optional = (object, False) if is_parsed else unwrap(annotation)
-    option: dict[str, Any] = {"description": description(path, docs)}
+    option: dict[str, Any] = {"description": _KEY_SERVER_DOCS.get(path) or description(path, docs)}
     if isinstance(inner, type) and issubclass(inner, BaseModel):
         option["type"] = "dict"
         option["options"] = {
@@ -101,6 +116,9 @@ def _option(annotation: Any, path: str, docs: dict[str, str], is_parsed: bool = 
     elif typing.get_origin(inner) is typing.Literal:
         option["type"] = "str"
         option["choices"] = list(typing.get_args(inner))
+    elif typing.get_origin(inner) is list and typing.get_args(inner) == (str,):
+        option["type"] = "list"
+        option["elements"] = "str"
     elif inner is str:
         option["type"] = "str"
     elif inner is int:

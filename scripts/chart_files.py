@@ -52,11 +52,26 @@ _PARSED: dict[Any, dict[str, Any]] = {
     },
 }
 
-# Checks the model makes in field validators, which the chart's templates rely on (the socket directory they
-# mount, the port the probes ask).
+# A TCP port, 1 to 65535, leading zeros allowed (kleidi.config._endpoint reads it with int()).
+_PORT = "0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+
+# Checks the model makes in field validators: the ones the chart's templates rely on (the socket directory they
+# mount, the port the probes ask), and the shape of a key server endpoint (kleidi.config._endpoint: host:port, an
+# IPv6 address in brackets, no scheme, none repeated). An item of a list is named by the list's path plus "[]".
 _FIELD_CHECKS: dict[str, dict[str, Any]] = {
     "config.listen": {"pattern": "^(unix://)?/([^@].*)?$"},
     "config.metrics_listen": {"pattern": "^(.*:[0-9]{1,5})?$"},
+    "config.remote.endpoints": {"uniqueItems": True},
+    "config.remote.endpoints[]": {"pattern": rf"^(\[[^\]]*\]|[^:\[\]]+):{_PORT}$"},
+}
+
+# Settings of the model the chart refuses, with the reason (their schema only admits null, which kleidi reads as
+# "not set"). The chart deploys the control-plane plugins: one config on every node, serving the apiserver's
+# socket. A key server is another host, installed by the kleidi_keyserver Ansible role.
+_REFUSED: dict[str, str] = {
+    "config.serve_remote": "Not in the chart: a key server (serve_remote) is not a control-plane plugin, and a "
+    "DaemonSet would make every control-plane node one. Run key servers on their own hosts (the Ansible "
+    "kleidi_keyserver role, docs/remote.md) and point the chart's plugins at them with provider remote.",
 }
 
 # The loopback addresses a plain http:// vault.address may name without allow_http (kleidi.config._loopback).
@@ -70,14 +85,16 @@ _CONSTRAINTS = {
     annotated_types.MinLen: ("minLength", "min_length"),
     annotated_types.MaxLen: ("maxLength", "max_length"),
 }
+# The same length limits on a list count its items.
+_ITEMS = {"minLength": "minItems", "maxLength": "maxItems"}
 
 
-def _constraints(metadata: list[Any], path: str) -> dict[str, Any]:
+def _constraints(metadata: list[Any], path: str, array: bool = False) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for meta in metadata:
         if type(meta) in _CONSTRAINTS:
             keyword, attribute = _CONSTRAINTS[type(meta)]
-            found[keyword] = getattr(meta, attribute)
+            found[_ITEMS.get(keyword, keyword) if array else keyword] = getattr(meta, attribute)
         elif getattr(meta, "pattern", None) is not None:  # pydantic's Field(pattern=...)
             found["pattern"] = meta.pattern
         else:
@@ -112,6 +129,14 @@ def _schema(annotation: Any, metadata: list[Any], path: str, docs: dict[str, str
         return _nullable(schema) if len(members) < len(args) else schema
     if _is_section(annotation):
         return _section(annotation, path, docs, conditional)
+    if origin is list:
+        items = _schema(args[0], [], f"{path}[]", docs, conditional)
+        return {
+            "type": "array",
+            "items": items,
+            **_constraints(metadata, path, array=True),
+            **_FIELD_CHECKS.get(path, {}),
+        }
     if origin is typing.Literal:
         kinds = {type(arg) for arg in args}
         return {"type": "string", "enum": list(args)} if kinds == {str} else {"enum": list(args)}
@@ -126,9 +151,10 @@ def _is_section(annotation: Any) -> bool:
 
 
 def _placeholder(schema: dict[str, Any]) -> dict[str, Any]:
-    """A required setting of a provider's section may be "" while another provider is in use (values.yaml's
-    vault.address is): its limits then apply only when the provider names the section (_provider_rules)."""
-    relaxed = {key: value for key, value in schema.items() if key != "minLength"}
+    """A required setting of a provider's section may be "" (or [] for a list) while another provider is in use
+    (values.yaml's vault.address and remote.endpoints are): its limits then apply only when the provider names the
+    section (_provider_rules)."""
+    relaxed = {key: value for key, value in schema.items() if key not in ("minLength", "minItems")}
     if "pattern" in relaxed:
         relaxed["pattern"] = f"^$|(?:{relaxed['pattern']})"
     return relaxed
@@ -143,8 +169,11 @@ def _section(section: type[BaseModel], path: str, docs: dict[str, str], conditio
                 "deprecated": True,
             }
             continue
+        if f"{path}.{name}" in _REFUSED:
+            properties[name] = {"description": _REFUSED[f"{path}.{name}"], "type": "null"}
+            continue
         schema = _schema(field.annotation, field.metadata, f"{path}.{name}", docs, conditional)
-        if conditional and field.is_required() and schema.get("type") == "string":
+        if conditional and field.is_required() and schema.get("type") in ("string", "array"):
             schema = _placeholder(schema)
         properties[name] = {"description": description(f"{path}.{name}", docs), **schema}
     schema = {"type": "object", "additionalProperties": False, "properties": properties}
@@ -211,6 +240,18 @@ def _section_rules() -> dict[str, dict[str, Any]]:
     }
 
 
+def _filled(section: type[BaseModel], name: str) -> dict[str, Any]:
+    """What a required setting must hold once its provider is named: a non-empty string, or as many items as the
+    model asks of a list."""
+    field = section.model_fields[name]
+    if field.annotation is str:
+        return {"minLength": 1}
+    if typing.get_origin(field.annotation) is list:
+        least = [meta.min_length for meta in field.metadata if isinstance(meta, annotated_types.MinLen)]
+        return {"minItems": max(least, default=1)}
+    return {}
+
+
 def _provider_rules() -> list[dict[str, Any]]:
     """The section named by `provider` must be there, with its required settings set and its rules met."""
     rules = []
@@ -220,10 +261,8 @@ def _provider_rules() -> list[dict[str, Any]]:
         section = typing.get_args(field.annotation)[0]
         required = [name for name, info in section.model_fields.items() if info.is_required()]
         then: dict[str, Any] = {"type": "object", "required": required}
-        then["properties"] = {
-            name: {"minLength": 1} for name in required if section.model_fields[name].annotation is str
-        }
-        rule = extra[provider]
+        then["properties"] = {name: rule for name in required if (rule := _filled(section, name))}
+        rule = extra.get(provider, {})
         then["properties"].update(rule.get("properties", {}))
         then.update({key: value for key, value in rule.items() if key != "properties"})
         rules.append(

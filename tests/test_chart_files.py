@@ -73,6 +73,8 @@ def _assert_section_matches(section: type[BaseModel], node: dict[str, Any], path
     for name, field in section.model_fields.items():
         sub = node["properties"][name]
         assert sub["description"], f"{path}.{name}"
+        if f"{path}.{name}" in chart_files._REFUSED:
+            continue
         assert _enums(sub) == _literal_choices(field.annotation), f"{path}.{name}"
         inner, _ = unwrap(field.annotation)
         if isinstance(inner, type) and issubclass(inner, BaseModel):
@@ -83,8 +85,11 @@ def _assert_section_matches(section: type[BaseModel], node: dict[str, Any], path
 def test_schema_config_lists_exactly_the_models_settings_with_its_choices() -> None:
     config = _committed_schema()["properties"]["config"]
     _assert_section_matches(kleidi_config.Config, config, "config")
-    assert config["properties"]["provider"]["enum"] == ["pkcs11", "vault"]
+    assert config["properties"]["provider"]["enum"] == ["pkcs11", "vault", "remote"]
     assert config["properties"]["pkcs11"]["properties"]["token_label"]["maxLength"] == 32
+    endpoints = config["properties"]["remote"]["properties"]["endpoints"]
+    assert (endpoints["type"], endpoints["maxItems"], endpoints["uniqueItems"]) == ("array", 8, True)
+    assert config["properties"]["serve_remote"]["type"] == "null"
 
 
 @pytest.mark.unit
@@ -127,11 +132,39 @@ VAULT = {
     "config.vault.auth.token_file": "/etc/kleidi/vault-token",
 }
 CBC = {"config.pkcs11.mechanism": "aes-cbc-hmac"}
+REMOTE = {"config.provider": "remote", "config.remote.endpoints": ["keyserver-1.example:8443"]}
+SERVE_REMOTE = {
+    "listen": "0.0.0.0:8443",
+    "ca_cert": "/etc/kleidi/remote/ca.pem",
+    "cert": "/etc/kleidi/remote/server.pem",
+    "key": "/etc/kleidi/remote/server-key.pem",
+}
 
 # (what changes in values.yaml, whether kleidi accepts the result)
 CASES: list[tuple[dict[str, Any], bool]] = [
     ({}, True),
-    ({"config.provider": "remote"}, False),
+    ({"config.provider": "remote"}, False),  # values.yaml's endpoints are [], so remote needs at least one
+    (REMOTE, True),
+    ({**REMOTE, "config.pkcs11": None, "config.vault": None}, True),
+    ({**REMOTE, "config.remote": None}, False),
+    ({**REMOTE, "config.remote.endpoints": ["ks-1.example:8443", "10.0.0.2:8443", "[fd00::3]:08443"]}, True),
+    ({**REMOTE, "config.remote.endpoints": ["ks-1.example:8443", "ks-1.example:8443"]}, False),
+    ({**REMOTE, "config.remote.endpoints": [f"ks-{n}.example:8443" for n in range(9)]}, False),
+    ({**REMOTE, "config.remote.endpoints": ["https://ks-1.example:8443"]}, False),
+    ({**REMOTE, "config.remote.endpoints": ["ks-1.example"]}, False),
+    ({**REMOTE, "config.remote.endpoints": ["ks-1.example:0"]}, False),
+    ({**REMOTE, "config.remote.endpoints": ["ks-1.example:65536"]}, False),
+    ({**REMOTE, "config.remote.endpoints": ["ks-1.example:65535"]}, True),
+    ({**REMOTE, "config.remote.endpoints": ["fd00::3:8443"]}, False),  # IPv6 without brackets
+    ({**REMOTE, "config.remote.endpoints": "ks-1.example:8443"}, False),
+    ({**REMOTE, "config.remote.client_key": ""}, False),
+    ({**REMOTE, "config.remote.ca_cert": None}, False),
+    ({**REMOTE, "config.remote.timeout": "500ms"}, True),
+    ({**REMOTE, "config.remote.timeout": "0s"}, False),
+    ({**REMOTE, "config.remote.token": "x"}, False),
+    ({**REMOTE, "config.serve_remote": SERVE_REMOTE}, False),  # a key server never forwards
+    ({"config.serve_remote": None}, True),
+    ({"config.remote": None}, True),
     ({"config.provider": "vault"}, False),  # values.yaml's address is "", so vault needs one
     ({**VAULT, "config.vault.auth.token_file": ""}, False),  # and so is its token file: method token needs one
     (VAULT, True),
@@ -225,6 +258,20 @@ def test_a_section_the_provider_does_not_name_is_still_checked_but_may_be_left_b
     assert validator.is_valid(_values_with({"config.vault.address": ""}))
     assert not validator.is_valid(_values_with({"config.vault.address": "vault.example"}))
     assert not validator.is_valid(_values_with({"config.vault.auth.method": "ldap"}))
+    assert validator.is_valid(_values_with({"config.remote.endpoints": []}))
+    assert not validator.is_valid(_values_with({"config.remote.endpoints": ["https://ks-1.example:8443"]}))
+
+
+@pytest.mark.unit
+def test_the_chart_refuses_serve_remote_which_kleidi_accepts_on_a_key_server() -> None:
+    """One kleidi.yaml on every control-plane node: serve_remote there would make each node a key server of its
+    own, which is not proxy mode. kleidi itself accepts it (a key server's config), so this is the chart's rule."""
+    values = _values_with({"config.serve_remote": SERVE_REMOTE})
+    assert _model_accepts(values)
+    errors = [error.message for error in jsonschema.Draft7Validator(_committed_schema()).iter_errors(values)]
+    assert errors and all("is not of type 'null'" in message for message in errors), errors
+    refused = _committed_schema()["properties"]["config"]["properties"]["serve_remote"]
+    assert "kleidi_keyserver" in refused["description"]
 
 
 @pytest.mark.unit
@@ -272,7 +319,9 @@ def _lint(*set_values: str) -> tuple[int, str]:
 @pytest.mark.parametrize(
     ("set_values", "error"),
     [
-        (["config.provider=remote"], "at '/config/provider': value must be one of 'pkcs11', 'vault'"),
+        (["config.provider=ldap"], "at '/config/provider': value must be one of 'pkcs11', 'vault', 'remote'"),
+        (["config.provider=remote"], "at '/config/remote/endpoints': minItems: got 0, want 1"),
+        (["config.serve_remote.listen=0.0.0.0:8443"], "at '/config/serve_remote': got object, want null"),
         (["config.provider=vault"], "at '/config/vault/address': minLength"),
         (["replicas=2"], "additional properties 'replicas' not allowed"),
         (["updateStrategy.rollingUpdate.maxSurge=1"], "at '/updateStrategy/rollingUpdate/maxSurge'"),
@@ -286,7 +335,7 @@ def test_helm_refuses_values_the_schema_refuses(set_values: list[str], error: st
 
 
 @pytest.mark.integration
-def test_helm_accepts_global_values_and_a_vault_with_an_address() -> None:
+def test_helm_accepts_global_values_a_vault_with_an_address_and_remote_with_an_endpoint() -> None:
     code, output = _lint("global.foo=bar")
     assert code == 0, output
     code, output = _lint(
@@ -294,4 +343,6 @@ def test_helm_accepts_global_values_and_a_vault_with_an_address() -> None:
         "config.vault.address=https://vault.example:8200",
         "config.vault.auth.token_file=/etc/kleidi/vault-token",
     )
+    assert code == 0, output
+    code, output = _lint("config.provider=remote", "config.remote.endpoints={keyserver-1.example:8443}")
     assert code == 0, output

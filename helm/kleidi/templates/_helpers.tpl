@@ -51,8 +51,11 @@ static pod from the same values; tests/test_helm_chart.py compares the two.
 
 {{/* kleidi.yaml: the values' config with only the section its provider names. */}}
 {{- define "kleidi.pluginConfig" -}}
-{{- $other := ternary "vault" "pkcs11" (eq .Values.config.provider "pkcs11") -}}
-{{- toYaml (omit .Values.config $other) -}}
+{{- $config := deepCopy .Values.config -}}
+{{- range list "pkcs11" "vault" "remote" -}}
+{{- if ne . $.Values.config.provider -}}{{- $_ := unset $config . -}}{{- end -}}
+{{- end -}}
+{{- toYaml $config -}}
 {{- end -}}
 
 {{- define "kleidi.usesServiceAccountToken" -}}

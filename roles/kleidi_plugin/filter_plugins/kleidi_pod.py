@@ -13,7 +13,7 @@ CONFIG_FILE = "kleidi.yaml"
 # host's configDir; the credential files stay at configDir, so neither mount has to nest inside the other.
 CONFIG_MOUNT = "/etc/kleidi-config"
 CHECKSUM_ANNOTATION = "kleidi.io/config-checksum"
-_PROVIDER_SECTIONS = ("pkcs11", "vault")
+_PROVIDER_SECTIONS = ("pkcs11", "vault", "remote")
 
 
 def plugin_config(values: dict[str, Any]) -> dict[str, Any]:
