@@ -225,6 +225,27 @@ def test_only_vault_kubernetes_and_jwt_auth_get_the_service_account_token() -> N
             assert pod_spec(render(values_file))["automountServiceAccountToken"] is False, values_file.name
 
 
+def test_proxy_mode_gets_only_its_remote_section_and_its_certificates_from_the_credentials_mount() -> None:
+    (remote_values,) = [p for p in CI_VALUES if p.name == "remote-values.yaml"]
+    objects = render(remote_values)
+    config = yaml.safe_load(config_map_text(objects))
+    assert config["provider"] == "remote" and "pkcs11" not in config and "vault" not in config
+    assert "serve_remote" not in config
+    config_dir = merged_values(remote_values)["configDir"]
+    for setting in ("ca_cert", "client_cert", "client_key"):
+        assert config["remote"][setting].startswith(f"{config_dir}/"), setting
+    mounts = {m["mountPath"]: m for m in plugin_container(objects)["volumeMounts"]}
+    assert mounts[config_dir] == {"name": "credentials", "mountPath": config_dir, "readOnly": True}
+    volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+    assert volumes["credentials"]["hostPath"] == {"path": config_dir, "type": "Directory"}
+    # The endpoints resolve through the node's resolver: cluster DNS needs the apiservers, which need this plugin.
+    assert pod_spec(objects)["dnsPolicy"] == "Default" and pod_spec(objects)["hostNetwork"] is True
+    # A key server's settings never reach a control-plane plugin, whatever the values say.
+    refused = helm("template", str(CHART), "-f", str(remote_values), "--set", "config.serve_remote.listen=0.0.0.0:8443",
+                   check=False)  # fmt: skip
+    assert refused.returncode != 0 and "/config/serve_remote" in refused.stderr
+
+
 def test_the_softhsm_init_container_is_opt_in_and_mounts_the_token_store() -> None:
     (softhsm_values,) = [p for p in CI_VALUES if p.name == "softhsm-values.yaml"]
     assert [c["name"] for c in pod_spec(render())["initContainers"]] == ["guard"]
@@ -330,6 +351,11 @@ def test_the_notes_give_the_encryption_configuration_and_the_cold_start_loops() 
     (softhsm_values,) = [p for p in CI_VALUES if p.name == "softhsm-values.yaml"]
     warned = helm("install", "kleidi", str(CHART), "-n", "kube-system", "--dry-run=client", "-f", str(softhsm_values))
     assert "its own KEK" in warned.stdout.split("NOTES:", 1)[1]
+    (remote_values,) = [p for p in CI_VALUES if p.name == "remote-values.yaml"]
+    remote = helm("install", "kleidi", str(CHART), "-n", "kube-system", "--dry-run=client", "-f", str(remote_values))
+    notes = remote.stdout.split("NOTES:", 1)[1]
+    assert "forwards to keyserver-1.example:8443, keyserver-2.example:8443 over mutual TLS" in notes
+    assert "/etc/kleidi/remote/client-key.pem" in notes and "Proxy mode" not in warned.stdout
 
 
 def test_the_softhsm_init_container_creates_a_usable_token_once_and_never_touches_it_again(tmp_path: Path) -> None:
