@@ -19,4 +19,9 @@ def build(config: Config, metrics: Metrics) -> Provider:
 
         assert config.vault is not None
         return VaultProvider(config.vault, metrics)
+    if config.provider == "remote":
+        from kleidi.providers.remote import RemoteProvider
+
+        assert config.remote is not None
+        return RemoteProvider(config.remote, metrics)
     raise AssertionError(f"unknown provider {config.provider}")

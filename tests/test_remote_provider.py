@@ -1,0 +1,661 @@
+"""The proxy-mode client (provider: remote) against in-process key servers that can be told to fail, hang or
+report another key_id: failover order and deadlines, error mapping, the key_id agreement rule, health,
+certificate rotation on disk and metrics. Real mutual TLS throughout, with certificates from kleidi.pki."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from kleidi import pki
+from kleidi.api import remote_v1_pb2, remote_v1_pb2_grpc
+from kleidi.config import RemoteConfig
+from kleidi.errors import (
+    BackendUnavailable,
+    ConfigError,
+    DeadlinePassed,
+    IntegrityError,
+    InvalidInput,
+    KeyNotFound,
+    KleidiError,
+)
+from kleidi.health import HealthMonitor
+from kleidi.observability import Metrics, key_id_hash
+from kleidi.providers.remote import ERROR_KIND, RemoteProvider
+from tests.plugin import free_port, wait_for
+
+pytestmark = pytest.mark.unit
+
+KEK_1 = "kek-one:v1"
+KEK_2 = "kek-two:v1"
+
+
+class FakeKeyServer(remote_v1_pb2_grpc.KeyServerServicer):
+    """A key server's answers, without a backend: blobs are the plaintext behind a marker naming the KEK."""
+
+    def __init__(self, key_id: str = KEK_1) -> None:
+        self.key_id = key_id
+        self.healthz = "ok"
+        self.fail: dict[str, tuple[grpc.StatusCode, str]] = {}  # method -> (code, error kind)
+        self.hang: set[str] = set()
+        self.encrypt_key_id = ""  # when set, Encrypt answers this key_id instead of the one Status reports
+        self.calls: list[tuple[str, str]] = []  # (method, the client certificate's CN)
+        self.release = threading.Event()
+
+    def _enter(self, method: str, context: Any) -> None:
+        names = context.auth_context().get("x509_common_name") or [b""]
+        self.calls.append((method, names[0].decode()))
+        if method in self.hang:
+            while context.is_active() and not self.release.wait(0.02):
+                pass
+        if method in self.fail:
+            code, kind = self.fail[method]
+            context.set_trailing_metadata(((ERROR_KIND, kind),))
+            context.abort(code, f"fake {kind} in {method}")
+
+    def called(self, method: str) -> int:
+        return sum(m == method for m, _ in self.calls)
+
+    def Status(self, request: Any, context: Any) -> Any:
+        self._enter("Status", context)
+        return remote_v1_pb2.StatusResponse(healthz=self.healthz, key_id=self.key_id, server_version="fake")
+
+    def Encrypt(self, request: Any, context: Any) -> Any:
+        self._enter("Encrypt", context)
+        key_id = self.encrypt_key_id or self.key_id
+        return remote_v1_pb2.EncryptResponse(
+            ciphertext=f"wrapped:{key_id}:".encode() + request.plaintext,
+            key_id=key_id,
+            annotations={"fake.kleidi.io/uid": request.uid.encode()},
+        )
+
+    def Decrypt(self, request: Any, context: Any) -> Any:
+        self._enter("Decrypt", context)
+        marker = f"wrapped:{self.key_id}:".encode()
+        if not request.ciphertext.startswith(marker) or request.annotations.get("fake.kleidi.io/uid") is None:
+            context.set_trailing_metadata(((ERROR_KIND, "integrity"),))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ciphertext failed authentication")
+        return remote_v1_pb2.DecryptResponse(plaintext=request.ciphertext[len(marker) :])
+
+
+class KeyServer:
+    """A gRPC server with mutual TLS (client certificate required) serving a FakeKeyServer on a fixed port, so
+    that it can be stopped and come back where the client expects it."""
+
+    def __init__(self, certs: Path, key_id: str = KEK_1) -> None:
+        self.certs = certs
+        self.fake = FakeKeyServer(key_id)
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self._server: Any = None
+
+    def start(self) -> KeyServer:
+        cert, key = pki.leaf_files(self.certs, "server", "keyserver")
+        credentials = grpc.ssl_server_credentials(
+            [(key.read_bytes(), cert.read_bytes())],
+            root_certificates=(self.certs / pki.CA_CERT).read_bytes(),
+            require_client_auth=True,
+        )
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        remote_v1_pb2_grpc.add_KeyServerServicer_to_server(self.fake, self._server)
+        self._server.add_secure_port(self.address, credentials)
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self.fake.release.set()
+            self._server.stop(0).wait()
+            self._server = None
+            self.fake.release.clear()
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A proxy-mode CA with a key server certificate for 127.0.0.1 and client certificates cp-1 and cp-2."""
+    root = tmp_path_factory.mktemp("pki")
+    requests = [pki.Request("server", "keyserver", ("127.0.0.1",)), pki.Request("client", "cp-1")]
+    pki.init(root, [*requests, pki.Request("client", "cp-2")], days=1, ca_days=1)
+    return root
+
+
+@pytest.fixture
+def servers(certs: Path) -> Iterator[list[KeyServer]]:
+    """Three key servers, started, all serving KEK_1."""
+    started = [KeyServer(certs).start() for _ in range(3)]
+    yield started
+    for server in started:
+        server.stop()
+
+
+def checked(client: Client, servers: list[KeyServer]) -> None:
+    """A health check, then the key servers forget its calls, so a test counts only its own."""
+    client.provider.check()
+    for server in servers:
+        server.fake.calls.clear()
+
+
+class Client:
+    """A RemoteProvider with its own copy of the client certificate (so a test can rotate it) and its metrics."""
+
+    def __init__(self, certs: Path, workdir: Path, endpoints: list[str], timeout: str = "1s") -> None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.certs = certs
+        self.cert, self.key = workdir / "client.pem", workdir / "client-key.pem"
+        self.use("cp-1")
+        self.ca = certs / pki.CA_CERT
+        self.metrics = Metrics()
+        self.config = RemoteConfig.model_validate(
+            {
+                "endpoints": endpoints,
+                "ca_cert": str(self.ca),
+                "client_cert": str(self.cert),
+                "client_key": str(self.key),
+                "timeout": timeout,
+            }
+        )
+        self.provider = RemoteProvider(self.config, self.metrics)
+
+    def use(self, name: str, cert: bool = True, key: bool = True) -> None:
+        """Put client ``name``'s certificate and key in place the way a rotation does: written aside, renamed."""
+        source_cert, source_key = pki.leaf_files(self.certs, "client", name)
+        for wanted, source, target in ((cert, source_cert, self.cert), (key, source_key, self.key)):
+            if wanted:
+                aside = target.with_suffix(".new")
+                aside.write_bytes(source.read_bytes())
+                os.replace(aside, target)
+
+    def sample(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    def round_trip(self, seed: bytes = b"k" * 32, deadline: float | None = None) -> bytes:
+        wrapped = self.provider.encrypt(seed, "uid-1", deadline)
+        return self.provider.decrypt(wrapped.ciphertext, wrapped.key_id, wrapped.annotations, "uid-1", deadline)
+
+
+@pytest.fixture
+def make_client(certs: Path, tmp_path: Path) -> Iterator[Any]:
+    made: list[Client] = []
+
+    def make(endpoints: list[str], timeout: str = "1s") -> Client:
+        client = Client(certs, tmp_path / f"client-{len(made)}", endpoints, timeout)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.provider.close()
+
+
+def dead_address() -> str:
+    return f"127.0.0.1:{free_port()}"
+
+
+# --- calls -------------------------------------------------------------------------------------------------------
+
+
+def test_blobs_key_id_and_annotations_pass_through_unchanged(servers: list[KeyServer], make_client: Any) -> None:
+    client = make_client([servers[0].address])
+    client.provider.check()
+    assert client.provider.key_id() == KEK_1
+    wrapped = client.provider.encrypt(b"s" * 32, "uid-7")
+    assert wrapped.ciphertext == f"wrapped:{KEK_1}:".encode() + b"s" * 32
+    assert wrapped.key_id == KEK_1
+    assert dict(wrapped.annotations) == {"fake.kleidi.io/uid": b"uid-7"}
+    assert client.provider.decrypt(wrapped.ciphertext, wrapped.key_id, wrapped.annotations, "uid-7") == b"s" * 32
+    # every call carried this node's client certificate
+    assert {name for _, name in servers[0].fake.calls} == {"cp-1"}
+
+
+def test_calls_go_to_healthy_endpoints_first_then_the_others(servers: list[KeyServer], make_client: Any) -> None:
+    first, second, _ = servers
+    first.fake.healthz = "token gone"
+    client = make_client([first.address, second.address])
+    checked(client, servers)
+    assert client.round_trip() == b"k" * 32
+    assert first.fake.called("Encrypt") == 0
+    assert second.fake.called("Encrypt") == 1
+    # the unhealthy one is still tried when the healthy one stops answering
+    second.stop()
+    assert client.round_trip() == b"k" * 32
+    assert first.fake.called("Encrypt") == 1
+    # and once both are healthy again, the configured order holds again
+    second.start()
+    first.fake.healthz = "ok"
+    wait_for(lambda: _checks(client), 5, "both endpoints healthy")
+    checked(client, servers)
+    client.round_trip()
+    assert (first.fake.called("Encrypt"), second.fake.called("Encrypt")) == (1, 0)
+
+
+def _checks(client: Client) -> bool:
+    try:
+        client.provider.check()
+    except KleidiError:
+        return False
+    return all(client.sample("kleidi_remote_endpoint_up", endpoint=e) == 1 for e in client.config.endpoints)
+
+
+def test_failover_when_the_first_endpoint_is_gone(servers: list[KeyServer], make_client: Any) -> None:
+    client = make_client([dead_address(), servers[0].address])
+    assert client.round_trip() == b"k" * 32  # before any check: configured order
+    dead = client.config.endpoints[0]
+    assert client.sample("kleidi_remote_failovers_total", endpoint=dead) == 2
+    assert client.sample("kleidi_remote_calls_total", endpoint=dead, method="Encrypt", code="UNAVAILABLE") == 1
+    ok = client.sample("kleidi_remote_calls_total", endpoint=servers[0].address, method="Encrypt", code="OK")
+    assert ok == 1
+
+
+def test_a_hanging_endpoint_leaves_the_next_its_share_of_the_deadline(
+    servers: list[KeyServer], make_client: Any
+) -> None:
+    first, second, _ = servers
+    client = make_client([first.address, second.address], timeout="2s")
+    checked(client, servers)
+    first.fake.hang.add("Encrypt")
+    started = time.monotonic()
+    wrapped = client.provider.encrypt(b"k" * 32, "u", started + 3.0)
+    took = time.monotonic() - started
+    assert wrapped.key_id == KEK_1
+    assert second.fake.called("Encrypt") == 1
+    # the first got half of the 3 s (less than its 2 s timeout), the second answered at once
+    assert 1.4 < took < 2.0, took
+
+
+def test_no_call_outlives_its_deadline_when_every_endpoint_hangs(servers: list[KeyServer], make_client: Any) -> None:
+    client = make_client([s.address for s in servers], timeout="1s")
+    checked(client, servers)
+    for server in servers:
+        server.fake.hang.add("Decrypt")
+    started = time.monotonic()
+    with pytest.raises(BackendUnavailable) as raised:
+        client.provider.decrypt(f"wrapped:{KEK_1}:x".encode(), KEK_1, {}, "u", started + 1.2)
+    took = time.monotonic() - started
+    assert took <= 1.2, took
+    assert all(s.fake.called("Decrypt") == 1 for s in servers)  # each got a share, none was skipped
+    for server in servers:
+        assert server.address in str(raised.value)
+    assert "DEADLINE_EXCEEDED" in str(raised.value)
+
+
+def test_a_call_whose_deadline_has_passed_is_not_sent(servers: list[KeyServer], make_client: Any) -> None:
+    client = make_client([servers[0].address])
+    with pytest.raises(DeadlinePassed):
+        client.provider.encrypt(b"k" * 32, "u", time.monotonic() - 0.1)
+    assert servers[0].fake.called("Encrypt") == 0
+
+
+@pytest.mark.parametrize(
+    ("code", "kind", "error"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, "invalid_input", InvalidInput),
+        (grpc.StatusCode.INVALID_ARGUMENT, "integrity", IntegrityError),
+        (grpc.StatusCode.NOT_FOUND, "key_not_found", KeyNotFound),
+        (grpc.StatusCode.FAILED_PRECONDITION, "config", ConfigError),
+    ],
+)
+def test_answers_every_key_server_would_give_are_not_failed_over(
+    servers: list[KeyServer], make_client: Any, code: grpc.StatusCode, kind: str, error: type[KleidiError]
+) -> None:
+    first, second, _ = servers
+    client = make_client([first.address, second.address])
+    first.fake.fail["Decrypt"] = (code, kind)
+    with pytest.raises(error) as raised:
+        client.provider.decrypt(f"wrapped:{KEK_1}:x".encode(), KEK_1, {}, "u")
+    assert type(raised.value) is error
+    assert raised.value.code == code
+    assert first.address in str(raised.value) and f"fake {kind} in Decrypt" in str(raised.value)
+    assert second.fake.called("Decrypt") == 0
+    assert client.sample("kleidi_backend_errors_total", provider="remote", operation="decrypt", kind=kind) == 1
+
+
+@pytest.mark.parametrize(
+    ("code", "kind"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, "backend_unavailable"),
+        (grpc.StatusCode.UNAVAILABLE, "auth_failed"),
+        (grpc.StatusCode.PERMISSION_DENIED, ""),
+        (grpc.StatusCode.UNAUTHENTICATED, ""),
+        (grpc.StatusCode.INTERNAL, "internal"),
+    ],
+)
+def test_a_key_server_that_cannot_serve_is_failed_over(
+    servers: list[KeyServer], make_client: Any, code: grpc.StatusCode, kind: str
+) -> None:
+    first, second, _ = servers
+    client = make_client([first.address, second.address])
+    first.fake.fail["Encrypt"] = (code, kind)
+    assert client.provider.encrypt(b"k" * 32, "u").key_id == KEK_1
+    assert (first.fake.called("Encrypt"), second.fake.called("Encrypt")) == (1, 1)
+    assert client.sample("kleidi_remote_failovers_total", endpoint=first.address) == 1
+    # when the last one says the same, the caller learns every endpoint's reason
+    second.fake.fail["Encrypt"] = (code, kind)
+    with pytest.raises(BackendUnavailable) as raised:
+        client.provider.encrypt(b"k" * 32, "u")
+    text = str(raised.value)
+    assert f"{first.address}: {code.name}" in text and f"{second.address}: {code.name}" in text
+    if kind:
+        assert f"({kind})" in text
+    assert client.sample("kleidi_remote_failovers_total", endpoint=second.address) == 0  # nothing after the last
+
+
+def test_a_failed_call_sends_later_calls_elsewhere_until_the_next_check(
+    servers: list[KeyServer], make_client: Any
+) -> None:
+    first, second, _ = servers
+    client = make_client([first.address, second.address], timeout="1s")
+    checked(client, servers)
+    first.fake.hang.add("Encrypt")
+    client.provider.encrypt(b"k" * 32, "u", time.monotonic() + 2)  # pays the hang once
+    started = time.monotonic()
+    client.provider.encrypt(b"k" * 32, "u", time.monotonic() + 2)
+    assert time.monotonic() - started < 0.5
+    assert first.fake.called("Encrypt") == 1
+    first.fake.hang.clear()
+    checked(client, servers)  # healthy again: first in line again
+    client.provider.encrypt(b"k" * 32, "u")
+    assert first.fake.called("Encrypt") == 1
+
+
+# --- key_id agreement ----------------------------------------------------------------------------------------------
+
+
+def test_an_endpoint_with_another_kek_is_refused_and_reported_until_it_agrees(
+    servers: list[KeyServer], make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, odd, third = servers
+    odd.fake.key_id = KEK_2
+    client = make_client([odd.address, first.address, third.address])
+    caplog.set_level(logging.WARNING, logger="kleidi.remote")
+    for _ in range(2):
+        client.provider.check()
+    assert client.provider.key_id() == KEK_1  # two against one
+    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=odd.address) == 1
+    assert client.sample("kleidi_remote_endpoint_up", endpoint=odd.address) == 0
+    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=first.address) == 0
+    assert client.sample("kleidi_remote_endpoint_up", endpoint=first.address) == 1
+    refusals = [r for r in caplog.records if "another KEK" in r.getMessage()]
+    assert len(refusals) == 2  # at every check, not only when it started
+    assert refusals[0].__dict__["endpoint"] == odd.address
+    assert refusals[0].__dict__["key_id_hash"] == key_id_hash(KEK_2)
+    assert refusals[0].__dict__["agreed_key_id_hash"] == key_id_hash(KEK_1)
+    assert not any(KEK_2 in r.getMessage() or KEK_2 in str(r.__dict__) for r in caplog.records)
+
+    # never used, not even when the agreeing ones are gone
+    first.stop()
+    third.stop()
+    with pytest.raises(BackendUnavailable):
+        client.provider.encrypt(b"k" * 32, "u")
+    assert odd.fake.called("Encrypt") == 0
+    with pytest.raises(BackendUnavailable) as raised:
+        client.provider.check()
+    assert odd.address in str(raised.value) and "another KEK" in str(raised.value)
+    assert client.provider.key_id() == KEK_1
+
+    # it agrees again: admitted at the next check
+    odd.fake.key_id = KEK_1
+    client.provider.check()
+    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=odd.address) == 0
+    assert client.sample("kleidi_remote_endpoint_up", endpoint=odd.address) == 1
+    assert client.round_trip() == b"k" * 32
+    assert odd.fake.called("Encrypt") >= 1
+
+
+@pytest.mark.parametrize("odd_first", [True, False])
+def test_on_a_tie_the_earliest_endpoint_sets_the_key_id(
+    servers: list[KeyServer], make_client: Any, odd_first: bool
+) -> None:
+    usual, odd, _ = servers
+    odd.fake.key_id = KEK_2
+    order = [odd, usual] if odd_first else [usual, odd]
+    client = make_client([s.address for s in order])
+    client.provider.check()
+    assert client.provider.key_id() == (KEK_2 if odd_first else KEK_1)
+    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=order[1].address) == 1
+    assert client.provider.encrypt(b"k" * 32, "u").key_id == client.provider.key_id()
+
+
+def test_an_endpoint_that_never_agreed_cannot_take_over(servers: list[KeyServer], make_client: Any) -> None:
+    """Away at the first checks, then back with another KEK while the agreeing ones are gone: still refused."""
+    first, late, _ = servers
+    late.stop()
+    client = make_client([first.address, late.address])
+    client.provider.check()
+    first.stop()
+    late.fake.key_id = KEK_2
+    late.start()
+    wait_for(lambda: _late_answered(client, late), 5, "the late endpoint's Status")
+    with pytest.raises(BackendUnavailable) as raised:
+        client.provider.check()
+    assert "another KEK" in str(raised.value)
+    assert client.provider.key_id() == KEK_1
+    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=late.address) == 1
+
+
+def _late_answered(client: Client, late: KeyServer) -> bool:
+    with contextlib.suppress(BackendUnavailable):
+        client.provider.check()
+    return late.fake.called("Status") > 0
+
+
+def test_a_rotation_on_every_key_server_moves_the_key_id(servers: list[KeyServer], make_client: Any) -> None:
+    first, second, _ = servers
+    client = make_client([first.address, second.address])
+    client.provider.check()
+    # a rolling rotation: the first key server has rotated, the second not yet (a tie: the earliest wins)
+    first.fake.key_id = KEK_2
+    client.provider.check()
+    assert client.provider.key_id() == KEK_2
+    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=second.address) == 1
+    second.fake.key_id = KEK_2
+    client.provider.check()
+    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=second.address) == 0
+    assert client.sample("kleidi_remote_endpoint_up", endpoint=second.address) == 1
+
+
+def test_only_healthy_endpoints_vote(servers: list[KeyServer], make_client: Any) -> None:
+    sick, first, second = servers
+    sick.fake.healthz = "token gone"
+    first.fake.key_id = second.fake.key_id = KEK_2
+    client = make_client([sick.address, first.address, second.address])
+    client.provider.check()
+    assert client.provider.key_id() == KEK_2
+    # an unhealthy endpoint that reports another KEK is not used either, even when it recovers
+    sick.fake.healthz = "ok"
+    first.stop()
+    second.stop()
+    with pytest.raises(BackendUnavailable):
+        client.provider.encrypt(b"k" * 32, "u")
+    assert sick.fake.called("Encrypt") == 0
+
+
+def test_an_encrypt_under_another_key_id_than_agreed_is_not_returned(
+    servers: list[KeyServer], make_client: Any
+) -> None:
+    """A key server that rotated since the last check: its answer would break Status/Encrypt agreement."""
+    rotated, other, _ = servers
+    client = make_client([rotated.address, other.address])
+    client.provider.check()
+    rotated.fake.encrypt_key_id = KEK_2
+    assert client.provider.encrypt(b"k" * 32, "u").key_id == KEK_1  # from the other one
+    other.fake.encrypt_key_id = KEK_2
+    with pytest.raises(BackendUnavailable) as raised:  # UNAVAILABLE: the server runs the health check at once
+        client.provider.encrypt(b"k" * 32, "u")
+    assert key_id_hash(KEK_2) in str(raised.value) and KEK_2 not in str(raised.value)
+    # once every key server reports the new key_id, the check publishes it and Encrypt agrees again
+    rotated.fake.key_id = other.fake.key_id = KEK_2
+    client.provider.check()
+    assert client.provider.key_id() == KEK_2
+    assert client.provider.encrypt(b"k" * 32, "u").key_id == KEK_2
+
+
+# --- health ----------------------------------------------------------------------------------------------------
+
+
+def test_status_is_asked_of_every_endpoint_side_by_side(servers: list[KeyServer], make_client: Any) -> None:
+    for server in servers[:2]:
+        server.fake.hang.add("Status")
+    client = make_client([s.address for s in servers], timeout="1s")
+    started = time.monotonic()
+    client.provider.check()
+    assert time.monotonic() - started < 1.8  # two hung Status calls cost one timeout, not two
+    assert client.provider.key_id() == KEK_1
+    assert [client.sample("kleidi_remote_endpoint_up", endpoint=s.address) for s in servers] == [0, 0, 1]
+    assert (
+        client.sample(
+            "kleidi_remote_calls_total", endpoint=servers[0].address, method="Status", code="DEADLINE_EXCEEDED"
+        )
+        == 1
+    )
+
+
+def test_health_goes_bad_when_no_key_server_answers_and_recovers_by_itself(
+    servers: list[KeyServer], make_client: Any
+) -> None:
+    first, second, _ = servers
+    client = make_client([first.address, second.address])
+    health = HealthMonitor(client.provider, 1.0, client.metrics)
+    assert health.check_once().ok
+    first.stop()
+    assert health.check_once().ok  # one is enough
+    second.stop()
+    state = health.check_once()
+    assert not state.ok
+    assert first.address in state.reason and second.address in state.reason
+    assert state.key_id == KEK_1  # the last agreed key_id is kept
+    second.start()
+    wait_for(lambda: health.check_once().ok, 5, "healthy again once a key server is back")
+    assert client.round_trip() == b"k" * 32
+
+
+def test_a_round_trip_failure_makes_the_endpoint_unusable(servers: list[KeyServer], make_client: Any) -> None:
+    first, second, _ = servers
+    first.fake.fail["Decrypt"] = (grpc.StatusCode.UNAVAILABLE, "backend_unavailable")
+    client = make_client([first.address, second.address])
+    client.provider.check()  # proven through the second
+    assert client.sample("kleidi_remote_endpoint_up", endpoint=first.address) == 0
+    assert client.sample("kleidi_remote_endpoint_up", endpoint=second.address) == 1
+    second.fake.fail["Encrypt"] = (grpc.StatusCode.UNAVAILABLE, "backend_unavailable")
+    with pytest.raises(BackendUnavailable) as raised:
+        client.provider.check()
+    assert "health round trip (Decrypt) failed" in str(raised.value)
+    assert "health round trip (Encrypt) failed" in str(raised.value)
+
+
+# --- certificates ------------------------------------------------------------------------------------------------
+
+
+def test_a_rotated_client_certificate_is_used_without_restart(servers: list[KeyServer], make_client: Any) -> None:
+    server = servers[0]
+    client = make_client([server.address])
+    client.provider.check()
+    client.use("cp-2")
+    client.provider.check()  # every check looks at the files
+    assert client.sample("kleidi_tls_reloads_total", side="client", result="ok") == 1
+    server.fake.calls.clear()
+    client.round_trip()
+    assert {name for _, name in server.fake.calls} == {"cp-2"}
+
+
+def test_a_half_done_rotation_keeps_the_certificate_in_use(
+    servers: list[KeyServer], make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = servers[0]
+    client = make_client([server.address])
+    client.provider.check()
+    client.use("cp-2", key=False)  # the new certificate, still the old key
+    caplog.set_level(logging.WARNING, logger="kleidi.remote")
+    client.provider.check()
+    assert client.sample("kleidi_tls_reloads_total", side="client", result="error") == 1
+    assert any("remote.client_key" in str(r.__dict__.get("reason")) for r in caplog.records)
+    server.fake.calls.clear()
+    client.round_trip()
+    assert {name for _, name in server.fake.calls} == {"cp-1"}
+    client.use("cp-2", cert=False)  # the rotation completes
+    client.provider.check()
+    assert client.sample("kleidi_tls_reloads_total", side="client", result="ok") == 1
+    server.fake.calls.clear()
+    client.round_trip()
+    assert {name for _, name in server.fake.calls} == {"cp-2"}
+
+
+def test_calls_look_at_the_files_too(
+    servers: list[KeyServer], make_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kleidi.providers.remote as remote
+
+    monkeypatch.setattr(remote, "_FILES_EVERY", 0.0)
+    server = servers[0]
+    client = make_client([server.address])
+    client.use("cp-2")
+    server.fake.calls.clear()
+    client.round_trip()
+    assert {name for _, name in server.fake.calls} == {"cp-2"}
+
+
+@pytest.mark.parametrize("setting", ["ca_cert", "client_cert", "client_key"])
+def test_a_missing_file_is_a_config_error_naming_the_setting(certs: Path, tmp_path: Path, setting: str) -> None:
+    cert, key = pki.leaf_files(certs, "client", "cp-1")
+    section = {"endpoints": ["127.0.0.1:1"], "ca_cert": str(certs / pki.CA_CERT), "client_cert": str(cert)}
+    section["client_key"] = str(key)
+    section[setting] = str(tmp_path / "nope.pem")
+    with pytest.raises(ConfigError) as raised:
+        RemoteProvider(RemoteConfig.model_validate(section), Metrics())
+    assert str(raised.value) == f"remote.{setting}: cannot read {tmp_path / 'nope.pem'}: No such file or directory"
+
+
+def test_unusable_files_are_named_without_their_content(certs: Path, tmp_path: Path) -> None:
+    cert, key = pki.leaf_files(certs, "client", "cp-1")
+    other_key = pki.leaf_files(certs, "client", "cp-2")[1]
+    garbage = tmp_path / "garbage.pem"
+    secret = "-----BEGIN PRIVATE KEY-----\nc2VjcmV0LWtleS1tYXRlcmlhbA==\n-----END PRIVATE KEY-----\n"
+    garbage.write_text(secret)
+    base = {"endpoints": ["127.0.0.1:1"], "ca_cert": str(certs / pki.CA_CERT), "client_cert": str(cert)}
+    cases = {
+        "client_key": (str(garbage), f"remote.client_key: {garbage} is not an unencrypted PEM private key"),
+        "ca_cert": (str(garbage), f"remote.ca_cert: {garbage} holds no PEM certificate"),
+    }
+    for setting, (path, message) in cases.items():
+        section = {**base, "client_key": str(key), setting: path}
+        with pytest.raises(ConfigError) as raised:
+            RemoteProvider(RemoteConfig.model_validate(section), Metrics())
+        assert str(raised.value) == message
+        assert "c2VjcmV0" not in str(raised.value)
+    with pytest.raises(ConfigError) as raised:
+        RemoteProvider(RemoteConfig.model_validate({**base, "client_key": str(other_key)}), Metrics())
+    assert str(raised.value).startswith(f"remote.client_key: {other_key} is not the key of the certificate")
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------
+
+
+def test_metrics_count_calls_failovers_and_backend_time(servers: list[KeyServer], make_client: Any) -> None:
+    first, second, _ = servers
+    client = make_client([first.address, second.address])
+    client.provider.check()
+    first.fake.fail["Encrypt"] = (grpc.StatusCode.UNAVAILABLE, "backend_unavailable")
+    for _ in range(3):
+        client.provider.encrypt(b"k" * 32, "u")
+    sample = client.sample
+    # the first failure sends the endpoint to the back of the line: later calls go to the second directly
+    assert sample("kleidi_remote_calls_total", endpoint=first.address, method="Encrypt", code="UNAVAILABLE") == 1
+    assert sample("kleidi_remote_calls_total", endpoint=second.address, method="Encrypt", code="OK") == 3
+    assert sample("kleidi_remote_calls_total", endpoint=first.address, method="Encrypt", code="OK") == 1  # check
+    assert sample("kleidi_remote_failovers_total", endpoint=first.address) == 1
+    assert sample("kleidi_remote_calls_total", endpoint=first.address, method="Status", code="OK") == 1
+    assert sample("kleidi_backend_duration_seconds_count", provider="remote", operation="encrypt") == 3
+    assert sample("kleidi_backend_duration_seconds_count", provider="remote", operation="check") == 1
+    assert (
+        sample("kleidi_backend_errors_total", provider="remote", operation="encrypt", kind="backend_unavailable") == 0
+    )
+    assert [sample("kleidi_remote_endpoint_up", endpoint=s.address) for s in (first, second)] == [1, 1]
