@@ -7,142 +7,30 @@ import logging
 import os
 import signal
 import threading
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from types import FrameType
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from kleidi import __version__, contract, unixsocket
 from kleidi.api import v1beta1_pb2, v1beta1_pb2_grpc, v2_pb2, v2_pb2_grpc
 from kleidi.config import Config
-from kleidi.errors import ConfigError, DeadlinePassed, InvalidInput, KleidiError, WouldBlock
+from kleidi.errors import ConfigError, KleidiError
 from kleidi.health import HealthMonitor
 from kleidi.observability import Metrics, ProbeServer
 from kleidi.providers import build
-from kleidi.providers.base import INLINE, FastPath, Provider, Wrapped, fast_path
+from kleidi.providers.base import FastPath, Provider, Wrapped, fast_path
+from kleidi.rpc import Call, check_ciphertext, check_decrypt_request, check_plaintext, check_wrapped
+
+if TYPE_CHECKING:
+    from kleidi.remote_server import RemoteFront
 
 log = logging.getLogger("kleidi.server")
 
-# Data keys are 32 bytes (KMS v2 seeds, KMS v1 DEKs). The limit leaves every provider's wrapped form under
-# the apiserver's 1 kB ciphertext limit, so an oversized request is the caller's error, not a broken answer.
-_MAX_PLAINTEXT = 512
 # How often, at most, the socket's presence is checked (health_interval when that is shorter).
 _SOCKET_CHECK = 5.0
-
-T = TypeVar("T")
-
-
-class _Call:
-    """Runs one RPC: deadline, metrics, the error-to-status mapping and the request log line.
-
-    The backend work runs on the worker pool, so a slow or hung backend never delays Status or other
-    callers' RPCs; only a provider that is ``inline_safe`` (microsecond calls that cannot block) runs on
-    the loop itself, which saves the two thread wake-ups of the hop."""
-
-    def __init__(
-        self,
-        metrics: Metrics,
-        health: HealthMonitor,
-        api: str,
-        pool: futures.ThreadPoolExecutor,
-        provider: Provider,
-    ) -> None:
-        self._provider = provider
-        self._metrics = metrics
-        self._health = health
-        self._api = api
-        self._pool = pool
-        self._latency = {m: metrics.request_seconds.labels(api, m) for m in ("Encrypt", "Decrypt")}
-        self._ok = {m: metrics.requests.labels(api, m, "OK") for m in ("Encrypt", "Decrypt")}
-
-    async def run(
-        self,
-        method: str,
-        uid: str,
-        context: grpc.aio.ServicerContext,
-        body: Callable[[float | None], T],
-        fast: Callable[[float | None], Awaitable[T | None]] | None = None,
-    ) -> T:
-        """``body`` does the work on a worker thread (or inline, for an inline-safe provider); ``fast``, when
-        given, is tried first on the loop and answers None to fall back to ``body``."""
-        started = time.perf_counter()
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
-        code = grpc.StatusCode.OK
-        try:
-            if fast is not None:
-                answer = await fast(deadline)
-                if answer is not None:
-                    return answer
-            if self._provider.inline_safe:  # asked per call: the provider may say no while busy or reconnecting
-                token = INLINE.set(True)
-                try:
-                    return body(deadline)
-                except WouldBlock:
-                    pass  # it would have waited (no free session, a reconnect): a worker does it instead
-                finally:
-                    INLINE.reset(token)
-            return await _offload(self._pool, body, deadline)
-        except KleidiError as exc:
-            code = exc.code
-            # A request that expired in the queue says the plugin is overloaded, not that the backend failed:
-            # no health check is forced, and one line per request would only flood the log.
-            overloaded = isinstance(exc, DeadlinePassed)
-            log.log(
-                logging.DEBUG if overloaded else logging.WARNING,
-                "request failed",
-                extra={"api": self._api, "method": method, "uid": uid, "error": exc.kind, "reason": str(exc)},
-            )
-            if code == grpc.StatusCode.UNAVAILABLE and not overloaded:
-                self._health.poke()
-            await context.abort(code, str(exc))
-            raise AssertionError("unreachable") from None  # abort() always raises
-        except asyncio.CancelledError:  # the caller's deadline passed or it went away
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.error("request crashed", exc_info=True, extra={"api": self._api, "method": method, "uid": uid})
-            await context.abort(code, "internal error; see the plugin log")
-            raise AssertionError("unreachable") from None
-        finally:
-            elapsed = time.perf_counter() - started
-            self._latency[method].observe(elapsed)
-            if code == grpc.StatusCode.OK:
-                self._ok[method].inc()
-            else:
-                self._metrics.requests.labels(self._api, method, code.name).inc()
-            # One line per request only at debug: KMS v2 calls are rare in real life, but a decrypt burst
-            # after an apiserver restart should not be slowed down by logging.
-            if code == grpc.StatusCode.OK and log.isEnabledFor(logging.DEBUG):
-                log.debug(
-                    "request", extra={"api": self._api, "method": method, "uid": uid, "ms": round(elapsed * 1000, 3)}
-                )
-
-
-async def _offload(pool: futures.ThreadPoolExecutor, body: Callable[[float | None], T], deadline: float | None) -> T:
-    """Run ``body(deadline)`` on the worker pool and await it. Leaner than run_in_executor (no
-    concurrent.futures.Future chained to an asyncio one): this hop is on every Encrypt and Decrypt."""
-    loop = asyncio.get_running_loop()
-    done: asyncio.Future[T] = loop.create_future()
-
-    def job() -> None:
-        # Queued behind slow calls: a request whose caller has given up must not cost the backend anything.
-        if done.cancelled() or (deadline is not None and time.monotonic() >= deadline):
-            loop.call_soon_threadsafe(_settle, done, None, DeadlinePassed("deadline passed while queued"))
-            return
-        try:
-            result = body(deadline)
-        except BaseException as exc:
-            loop.call_soon_threadsafe(_settle, done, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, done, result, None)
-
-    pool.submit(job)
-    return await done
 
 
 async def _close_fast(fast: FastPath) -> None:
@@ -154,48 +42,8 @@ async def _stop_all(servers: list[grpc.aio.Server], grace: float) -> None:
     await asyncio.gather(*(server.stop(grace) for server in servers))
 
 
-def _settle(done: asyncio.Future[T], result: T | None, exc: BaseException | None) -> None:
-    if done.cancelled():  # the caller went away (deadline, cancellation) while the backend worked
-        return
-    if exc is not None:
-        done.set_exception(exc)
-    else:
-        done.set_result(result)  # type: ignore[arg-type]
-
-
-def _check_plaintext(plaintext: bytes) -> None:
-    if not plaintext:
-        raise InvalidInput("plaintext is empty")
-    if len(plaintext) > _MAX_PLAINTEXT:
-        raise InvalidInput(f"plaintext is {len(plaintext)} bytes; data keys are at most {_MAX_PLAINTEXT}")
-
-
-def _check_ciphertext(ciphertext: bytes) -> None:
-    if not ciphertext:
-        raise InvalidInput("ciphertext is empty")
-    # Every blob kleidi makes fits the apiserver's limit: a larger one is not ours, and never reaches the backend.
-    if len(ciphertext) > contract.MAX_CIPHERTEXT_BYTES:
-        raise InvalidInput(
-            f"ciphertext is {len(ciphertext)} bytes; kleidi's are at most {contract.MAX_CIPHERTEXT_BYTES}"
-        )
-
-
-def _check_decrypt_request(ciphertext: bytes, annotations: Mapping[str, bytes]) -> None:
-    _check_ciphertext(ciphertext)
-    if annotations:
-        problems = contract.annotation_problems(annotations)
-        if problems:
-            raise InvalidInput("; ".join(problems))
-
-
 def _encrypt_response(wrapped: Wrapped) -> v2_pb2.EncryptResponse:
-    problems = (
-        contract.ciphertext_problems(wrapped.ciphertext)
-        + contract.key_id_problems(wrapped.key_id)
-        + contract.annotation_problems(wrapped.annotations)
-    )
-    if problems:  # a provider bug; the apiserver would reject the answer anyway
-        raise KleidiError("provider answer breaks the KMS contract: " + "; ".join(problems))
+    wrapped = check_wrapped(wrapped)
     return v2_pb2.EncryptResponse(
         ciphertext=wrapped.ciphertext, key_id=wrapped.key_id, annotations=dict(wrapped.annotations)
     )
@@ -204,7 +52,7 @@ def _encrypt_response(wrapped: Wrapped) -> v2_pb2.EncryptResponse:
 class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
     """v2.KeyManagementService: Status from the cached health state; Encrypt/Decrypt through the provider."""
 
-    def __init__(self, provider: Provider, health: HealthMonitor, call: _Call) -> None:
+    def __init__(self, provider: Provider, health: HealthMonitor, call: Call) -> None:
         self._provider = provider
         self._health = health
         self._call = call
@@ -223,12 +71,12 @@ class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
         self, request: v2_pb2.EncryptRequest, context: grpc.aio.ServicerContext
     ) -> v2_pb2.EncryptResponse:
         def body(deadline: float | None) -> v2_pb2.EncryptResponse:
-            _check_plaintext(request.plaintext)
+            check_plaintext(request.plaintext)
             return _encrypt_response(self._provider.encrypt(request.plaintext, request.uid, deadline))
 
         async def fast(deadline: float | None) -> v2_pb2.EncryptResponse | None:
             assert self._fast is not None
-            _check_plaintext(request.plaintext)
+            check_plaintext(request.plaintext)
             wrapped = await self._fast.encrypt_fast(request.plaintext, deadline)
             return None if wrapped is None else _encrypt_response(wrapped)
 
@@ -240,13 +88,13 @@ class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
         annotations: Mapping[str, bytes] = request.annotations
 
         def body(deadline: float | None) -> v2_pb2.DecryptResponse:
-            _check_decrypt_request(request.ciphertext, annotations)
+            check_decrypt_request(request.ciphertext, annotations)
             plaintext = self._provider.decrypt(request.ciphertext, request.key_id, annotations, request.uid, deadline)
             return v2_pb2.DecryptResponse(plaintext=plaintext)
 
         async def fast(deadline: float | None) -> v2_pb2.DecryptResponse | None:
             assert self._fast is not None
-            _check_decrypt_request(request.ciphertext, annotations)
+            check_decrypt_request(request.ciphertext, annotations)
             plaintext = await self._fast.decrypt_fast(request.ciphertext, request.key_id, annotations, deadline)
             return None if plaintext is None else v2_pb2.DecryptResponse(plaintext=plaintext)
 
@@ -256,7 +104,7 @@ class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
 class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):
     """v1beta1.KeyManagementService, for clusters migrating off KMS v1 plugins."""
 
-    def __init__(self, provider: Provider, call: _Call) -> None:
+    def __init__(self, provider: Provider, call: Call) -> None:
         self._provider = provider
         self._call = call
         self._fast = fast_path(provider)
@@ -269,12 +117,12 @@ class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):
 
     async def Encrypt(self, request: v1beta1_pb2.EncryptRequest, context: grpc.aio.ServicerContext) -> Any:
         def body(deadline: float | None) -> v1beta1_pb2.EncryptResponse:
-            _check_plaintext(request.plain)
+            check_plaintext(request.plain)
             return v1beta1_pb2.EncryptResponse(cipher=self._provider.encrypt(request.plain, "", deadline).ciphertext)
 
         async def fast(deadline: float | None) -> v1beta1_pb2.EncryptResponse | None:
             assert self._fast is not None
-            _check_plaintext(request.plain)
+            check_plaintext(request.plain)
             wrapped = await self._fast.encrypt_fast(request.plain, deadline)
             return None if wrapped is None else v1beta1_pb2.EncryptResponse(cipher=wrapped.ciphertext)
 
@@ -282,12 +130,12 @@ class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):
 
     async def Decrypt(self, request: v1beta1_pb2.DecryptRequest, context: grpc.aio.ServicerContext) -> Any:
         def body(deadline: float | None) -> v1beta1_pb2.DecryptResponse:
-            _check_ciphertext(request.cipher)
+            check_ciphertext(request.cipher)
             return v1beta1_pb2.DecryptResponse(plain=self._provider.decrypt(request.cipher, "", {}, "", deadline))
 
         async def fast(deadline: float | None) -> v1beta1_pb2.DecryptResponse | None:
             assert self._fast is not None
-            _check_ciphertext(request.cipher)
+            check_ciphertext(request.cipher)
             plaintext = await self._fast.decrypt_fast(request.cipher, "", {}, deadline)
             return None if plaintext is None else v1beta1_pb2.DecryptResponse(plain=plaintext)
 
@@ -315,10 +163,17 @@ class KleidiServer:
         self._watchdog: threading.Thread | None = None
         self._binding = threading.Lock()  # a re-bind and stop() never interleave
         self._socket_problem: str | None = None
+        self._remote: RemoteFront | None = None
+        self._remote_grpc: grpc.aio.Server | None = None
 
     def start(self) -> None:
         cfg = self.config
         path = cfg.socket_path
+        if cfg.serve_remote is not None:
+            from kleidi.remote_server import RemoteFront
+
+            # First: a certificate file that is missing or bad stops the start before anything listens.
+            self._remote = RemoteFront(cfg.serve_remote, self.metrics)
         gid = unixsocket.group_id(cfg.socket_group)
         unixsocket.prepare(path, gid)
         address = cfg.metrics_address
@@ -341,6 +196,8 @@ class KleidiServer:
         self._grpc.append(self._bind(path, gid))
         self._watchdog = threading.Thread(target=self._watch_socket, args=(gid,), name="kleidi-socket", daemon=True)
         self._watchdog.start()
+        if self._remote is not None:
+            self._start_remote(self._remote, self._pool)
         log.info(
             "serving",
             extra={
@@ -348,8 +205,21 @@ class KleidiServer:
                 "provider": self.provider.name,
                 "version": __version__,
                 "metrics": "{}:{}".format(*self._probes.address) if self._probes is not None else "disabled",
+                "remote": cfg.serve_remote.listen if cfg.serve_remote is not None else "disabled",
             },
         )
+
+    def _start_remote(self, remote: RemoteFront, pool: futures.ThreadPoolExecutor) -> None:
+        """The key server: its gRPC server on a private unix socket, then the mutual TLS listener in front."""
+        from kleidi.remote_server import KeyServerServicer, add_servicer
+
+        assert self._loop is not None
+        servicer = KeyServerServicer(self.provider, self.health, self._new_call("remote", pool))
+        path = remote.make_socket_dir(os.path.dirname(self.config.socket_path))
+        self._remote_grpc = asyncio.run_coroutine_threadsafe(
+            self._start_grpc(path, lambda server: add_servicer(servicer, server)), self._loop
+        ).result(30)
+        remote.start()
 
     def _bind(self, path: str, gid: int | None) -> grpc.aio.Server:
         """A gRPC server listening on ``path`` (prepared first), with the configured mode and group."""
@@ -357,7 +227,7 @@ class KleidiServer:
         # The socket must never exist with a wider mode than configured, not even for an instant.
         old_umask = os.umask(0o177)
         try:
-            server = asyncio.run_coroutine_threadsafe(self._start_grpc(path), self._loop).result(30)
+            server = asyncio.run_coroutine_threadsafe(self._start_grpc(path, self._add_kms), self._loop).result(30)
         finally:
             os.umask(old_umask)
         self._inode = os.lstat(path).st_ino
@@ -398,7 +268,13 @@ class KleidiServer:
                 extra={"socket": path},
             )
 
-    async def _start_grpc(self, path: str) -> grpc.aio.Server:
+    def _add_kms(self, server: grpc.aio.Server) -> None:
+        assert self._servicers is not None
+        v2, v1 = self._servicers
+        v2_pb2_grpc.add_KeyManagementServiceServicer_to_server(v2, server)  # type: ignore[no-untyped-call]
+        v1beta1_pb2_grpc.add_KeyManagementServiceServicer_to_server(v1, server)  # type: ignore[no-untyped-call]
+
+    async def _start_grpc(self, path: str, add: Callable[[grpc.aio.Server], None]) -> grpc.aio.Server:
         cfg = self.config
         server = grpc.aio.server(
             options=[
@@ -407,10 +283,7 @@ class KleidiServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        assert self._servicers is not None
-        v2, v1 = self._servicers
-        v2_pb2_grpc.add_KeyManagementServiceServicer_to_server(v2, server)  # type: ignore[no-untyped-call]
-        v1beta1_pb2_grpc.add_KeyManagementServiceServicer_to_server(v1, server)  # type: ignore[no-untyped-call]
+        add(server)
         try:
             server.add_insecure_port(f"unix:{path}")
         except RuntimeError as exc:  # grpc reports a failed bind this way, with no errno
@@ -418,8 +291,8 @@ class KleidiServer:
         await server.start()
         return server
 
-    def _new_call(self, api: str, pool: futures.ThreadPoolExecutor) -> _Call:
-        return _Call(self.metrics, self.health, api, pool, self.provider)
+    def _new_call(self, api: str, pool: futures.ThreadPoolExecutor) -> Call:
+        return Call(self.metrics, self.health, api, pool, self.provider)
 
     def _probe_health(self) -> tuple[bool, str]:
         problem = self._socket_problem
@@ -435,11 +308,16 @@ class KleidiServer:
         self._stopped.set()
         if self._watchdog is not None:
             self._watchdog.join(40)  # it checks _stopped before and after any re-bind, which takes at most 30 s
+        remote = self._remote
+        if remote is not None:
+            remote.close_listener()  # no new proxy-mode connection; the open ones drain with the gRPC servers
         loop = self._loop
         if loop is not None:
-            if self._grpc:
+            servers = self._grpc + ([self._remote_grpc] if self._remote_grpc is not None else [])
+            if servers:
                 grace = self.config.shutdown_grace
-                asyncio.run_coroutine_threadsafe(_stop_all(self._grpc, grace), loop).result(grace + 10)
+                asyncio.run_coroutine_threadsafe(_stop_all(servers, grace), loop).result(grace + 10)
+            if self._grpc:
                 unixsocket.remove(self.config.socket_path, self._inode)
             fast = fast_path(self.provider)
             if fast is not None:  # its connections belong to the loop: close them there, while it still runs
@@ -449,6 +327,8 @@ class KleidiServer:
                 self._loop_thread.join(10)
             if not loop.is_running():
                 loop.close()
+        if remote is not None:
+            remote.stop()  # what the drain left open is closed; the private socket directory is removed
         self.health.stop()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)

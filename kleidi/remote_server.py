@@ -1,0 +1,345 @@
+"""Key server mode (serve_remote): this kleidi's provider, served to proxy-mode plugins over mutual TLS.
+
+TLS ends here, in Python, rather than in gRPC core, so that every refused connection is logged with the peer's
+identity and the certificate files can be re-read between connections. An accepted connection is spliced, bytes
+both ways, to a gRPC server (KeyServerServicer) on a unix socket in a private directory: there is no plaintext
+TCP listener. The splice costs a little per connection and nothing per call on the KMS socket."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import shutil
+import ssl
+import tempfile
+import threading
+from collections.abc import Mapping
+from typing import Any, cast
+
+import grpc
+
+from kleidi import __version__
+from kleidi.api import remote_v1_pb2, remote_v1_pb2_grpc
+from kleidi.config import ServeRemoteConfig
+from kleidi.errors import ConfigError
+from kleidi.health import HealthMonitor
+from kleidi.observability import Metrics
+from kleidi.providers.base import Provider, fast_path
+from kleidi.remote_tls import ServerTls
+from kleidi.rpc import Call, check_decrypt_request, check_plaintext, check_wrapped
+
+log = logging.getLogger("kleidi.remote")
+
+HANDSHAKE_TIMEOUT = 10.0
+# The longest unix socket path the kernel takes (sun_path, less the terminating NUL).
+_MAX_SOCKET_PATH = 107
+
+
+class KeyServerServicer(remote_v1_pb2_grpc.KeyServerServicer):
+    """kleidi.remote.v1.KeyServer: what the KMS v2 servicer does, for proxy-mode plugins. The provider's blobs,
+    key_id and annotations go out exactly as it made them."""
+
+    def __init__(self, provider: Provider, health: HealthMonitor, call: Call) -> None:
+        self._provider = provider
+        self._health = health
+        self._call = call
+        self._fast = fast_path(provider)
+        self._status_for: Any = None
+        self._status = remote_v1_pb2.StatusResponse()
+
+    async def Status(
+        self, request: remote_v1_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> remote_v1_pb2.StatusResponse:
+        state = self._health.state
+        if state is not self._status_for:  # the same key_id and reason the key server's own KMS socket answers
+            self._status = remote_v1_pb2.StatusResponse(
+                healthz=state.reason, key_id=state.key_id, server_version=__version__
+            )
+            self._status_for = state
+        return self._status
+
+    async def Encrypt(
+        self, request: remote_v1_pb2.EncryptRequest, context: grpc.aio.ServicerContext
+    ) -> remote_v1_pb2.EncryptResponse:
+        def answer(wrapped: Any) -> remote_v1_pb2.EncryptResponse:
+            wrapped = check_wrapped(wrapped)
+            return remote_v1_pb2.EncryptResponse(
+                ciphertext=wrapped.ciphertext, key_id=wrapped.key_id, annotations=dict(wrapped.annotations)
+            )
+
+        def body(deadline: float | None) -> remote_v1_pb2.EncryptResponse:
+            check_plaintext(request.plaintext)
+            return answer(self._provider.encrypt(request.plaintext, request.uid, deadline))
+
+        async def fast(deadline: float | None) -> remote_v1_pb2.EncryptResponse | None:
+            assert self._fast is not None
+            check_plaintext(request.plaintext)
+            wrapped = await self._fast.encrypt_fast(request.plaintext, deadline)
+            return None if wrapped is None else answer(wrapped)
+
+        return await self._call.run("Encrypt", request.uid, context, body, fast if self._fast else None)
+
+    async def Decrypt(
+        self, request: remote_v1_pb2.DecryptRequest, context: grpc.aio.ServicerContext
+    ) -> remote_v1_pb2.DecryptResponse:
+        annotations: Mapping[str, bytes] = request.annotations
+
+        def body(deadline: float | None) -> remote_v1_pb2.DecryptResponse:
+            check_decrypt_request(request.ciphertext, annotations)
+            plaintext = self._provider.decrypt(request.ciphertext, request.key_id, annotations, request.uid, deadline)
+            return remote_v1_pb2.DecryptResponse(plaintext=plaintext)
+
+        async def fast(deadline: float | None) -> remote_v1_pb2.DecryptResponse | None:
+            assert self._fast is not None
+            check_decrypt_request(request.ciphertext, annotations)
+            plaintext = await self._fast.decrypt_fast(request.ciphertext, request.key_id, annotations, deadline)
+            return None if plaintext is None else remote_v1_pb2.DecryptResponse(plaintext=plaintext)
+
+        return await self._call.run("Decrypt", request.uid, context, body, fast if self._fast else None)
+
+
+def add_servicer(servicer: KeyServerServicer, server: grpc.aio.Server) -> None:
+    remote_v1_pb2_grpc.add_KeyServerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+
+
+class _Pipe(asyncio.Protocol):
+    """One side of a spliced connection: what it receives is written to the other side's transport. Until the
+    two are linked, what arrives is kept (a client's first HTTP/2 frames come with the end of its handshake)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.other: _Pipe | None = None
+        self.pending: list[bytes] = []
+        self.closed: asyncio.Future[None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        other = self.other
+        if other is not None and other.transport is not None:
+            other.transport.write(data)
+        else:
+            self.pending.append(data)
+
+    def eof_received(self) -> bool:
+        return False  # TLS has no half-close, and HTTP/2 needs none: the end of one side ends both
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
+        other = self.other
+        if other is not None and other.transport is not None:
+            other.transport.close()  # after what is buffered for it has been written
+
+    def pause_writing(self) -> None:  # this side's peer reads slower than the other side sends: hold the sender
+        other = self.other
+        if other is not None and other.transport is not None and not other.transport.is_closing():
+            other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        other = self.other
+        if other is not None and other.transport is not None and not other.transport.is_closing():
+            other.transport.resume_reading()
+
+
+def link(a: _Pipe, b: _Pipe) -> None:
+    a.other, b.other = b, a
+    for this, that in ((a, b), (b, a)):
+        assert that.transport is not None
+        for chunk in this.pending:
+            that.transport.write(chunk)
+        this.pending.clear()
+        if this.closed.done():  # gone before the link: its connection_lost had nobody to close
+            that.transport.close()
+
+
+class _Accept(asyncio.Protocol):
+    def __init__(self, front: RemoteFront) -> None:
+        self._front = front
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, transport)
+        transport.pause_reading()  # nothing is read before start_tls takes over the connection
+        self._front.spawn(transport)
+
+
+def _address(peername: Any) -> str:
+    if isinstance(peername, tuple) and len(peername) >= 2:
+        host, port = peername[0], peername[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(peername)
+
+
+def _normal_name(name: str) -> str:
+    """IP SANs in one spelling (Python writes IPv6 ones uncompressed), so an allow-list entry matches either way."""
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        return name
+
+
+def peer_names(cert: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """(subject CN, the DNS, URI and IP subject alternative names) of a peer certificate as ssl decodes it."""
+    common_name = ""
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                common_name = value
+    names = [
+        _normal_name(value) for kind, value in cert.get("subjectAltName", ()) if kind in ("DNS", "URI", "IP Address")
+    ]
+    return common_name, names
+
+
+def handshake_reason(exc: BaseException) -> str:
+    """Why a handshake failed, as an operator reads it, with OpenSSL's own word for it."""
+    if isinstance(exc, TimeoutError):
+        return f"no TLS handshake within {HANDSHAKE_TIMEOUT:.0f}s"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"client certificate not trusted: {exc.verify_message}"
+    if isinstance(exc, ssl.SSLError):
+        reason = str(exc.reason or exc)
+        if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+            return f"no client certificate ({reason})"
+        if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "HTTPS_PROXY_REQUEST", "UNKNOWN_PROTOCOL"):
+            return f"not TLS ({reason})"
+        if "ALERT" in reason:
+            return f"the client gave up the handshake ({reason}); does it trust the key server's certificate?"
+        return reason
+    return f"connection lost during the TLS handshake ({type(exc).__name__})"
+
+
+class RemoteFront:
+    """The TCP listener of serve_remote, on an event loop of its own thread: TLS handshake, allow-list, then the
+    splice to the internal gRPC server's unix socket."""
+
+    def __init__(self, cfg: ServeRemoteConfig, metrics: Metrics) -> None:
+        self._cfg = cfg
+        self._metrics = metrics
+        self._tls = ServerTls(cfg, metrics)  # a missing or bad file stops the start here, naming the setting
+        self._allowed = {_normal_name(name) for name in cfg.allowed_client_names}
+        self._directory: str | None = None
+        self.socket_path = ""
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="kleidi-remote", daemon=True)
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._open: set[tuple[_Pipe, _Pipe]] = set()
+
+    def make_socket_dir(self, near: str) -> str:
+        """A private directory (0700) for the internal socket, in ``near`` (the KMS socket's directory, which is
+        known to be writable even on a read-only root filesystem) or, when that path would be too long, in the
+        temp directory. Returns the socket's path."""
+        for parent in (near, None):
+            if parent is not None and len(os.path.join(parent, "kleidi-remote-XXXXXXXX", "s")) > _MAX_SOCKET_PATH:
+                continue
+            try:
+                self._directory = tempfile.mkdtemp(prefix="kleidi-remote-", dir=parent)
+            except OSError as exc:
+                if parent is None:
+                    raise ConfigError(
+                        f"serve_remote: cannot make a private directory for the internal socket: {exc.strerror}"
+                    ) from None
+                continue
+            break
+        assert self._directory is not None
+        self.socket_path = os.path.join(self._directory, "s")
+        return self.socket_path
+
+    def start(self) -> None:
+        """Listen on serve_remote.listen; a port that cannot be bound is a ConfigError."""
+        self._thread.start()
+        host, port = self._cfg.address
+        try:
+            asyncio.run_coroutine_threadsafe(self._listen(host, port), self._loop).result(30)
+        except OSError as exc:
+            raise ConfigError(f"serve_remote.listen: cannot listen on {self._cfg.listen}: {exc.strerror}") from None
+
+    async def _listen(self, host: str, port: int) -> None:
+        self._server = await self._loop.create_server(lambda: _Accept(self), host, port, reuse_address=True)
+
+    def spawn(self, raw: asyncio.Transport) -> None:
+        task = self._loop.create_task(self._handle(raw))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, raw: asyncio.Transport) -> None:
+        peer = _address(raw.get_extra_info("peername"))
+        outer = _Pipe(self._loop)
+        try:
+            tls = await self._loop.start_tls(
+                raw, outer, self._tls.context(), server_side=True, ssl_handshake_timeout=HANDSHAKE_TIMEOUT
+            )
+        except (OSError, TimeoutError, EOFError) as exc:  # ssl.SSLError is an OSError
+            raw.abort()
+            self._metrics.remote_connections.labels("handshake").inc()
+            log.warning("remote connection refused", extra={"peer": peer, "reason": handshake_reason(exc)})
+            return
+        if tls is None:  # the peer went away as the handshake ended
+            return
+        outer.transport = tls
+        common_name, names = peer_names(tls.get_extra_info("peercert") or {})
+        identity = {"peer": peer, "subject_cn": common_name, "names": names}
+        if self._allowed and self._allowed.isdisjoint(names):
+            tls.abort()
+            self._metrics.remote_connections.labels("not_allowed").inc()
+            log.warning(
+                "remote connection refused", extra={**identity, "reason": "not on serve_remote.allowed_client_names"}
+            )
+            return
+        tls.pause_reading()  # until the other side is there
+        try:
+            _, inner = await self._loop.create_unix_connection(lambda: _Pipe(self._loop), self.socket_path)
+        except OSError as exc:
+            tls.abort()
+            log.error("cannot reach the internal gRPC server", extra={**identity, "reason": str(exc)})
+            return
+        self._metrics.remote_connections.labels("accepted").inc()
+        self._metrics.remote_connections_open.inc()
+        log.info("remote connection accepted", extra=identity)
+        pair = (outer, inner)
+        self._open.add(pair)
+        try:
+            link(outer, inner)
+            tls.resume_reading()
+            await asyncio.gather(outer.closed, inner.closed)
+        finally:
+            self._open.discard(pair)
+            self._metrics.remote_connections_open.dec()
+            log.debug("remote connection closed", extra=identity)
+
+    def close_listener(self) -> None:
+        """No new connection from here on; the open ones keep being served."""
+        if self._server is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self._close_listener(), self._loop).result(10)
+
+    async def _close_listener(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    def stop(self) -> None:
+        """Close what is still open (after the drain), stop the loop, and remove the private directory."""
+        if self._loop.is_running():
+            self.close_listener()
+            asyncio.run_coroutine_threadsafe(self._abort_all(), self._loop).result(10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+        if not self._loop.is_running():
+            self._loop.close()
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory = None
+
+    async def _abort_all(self) -> None:
+        for pair in list(self._open):
+            for pipe in pair:
+                if pipe.transport is not None:
+                    pipe.transport.abort()
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*self._tasks, return_exceptions=True)

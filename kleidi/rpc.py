@@ -1,0 +1,185 @@
+"""What every Encrypt and Decrypt shares, whichever API it came in on (KMS v2, v1beta1, the remote protocol):
+deadline, metrics, the error-to-status mapping, the request log line and the checks of requests and answers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent import futures
+from typing import TypeVar
+
+import grpc
+
+from kleidi import contract
+from kleidi.errors import DeadlinePassed, InvalidInput, KleidiError, WouldBlock
+from kleidi.health import HealthMonitor
+from kleidi.observability import Metrics
+from kleidi.providers.base import INLINE, Provider, Wrapped
+
+log = logging.getLogger("kleidi.server")
+
+# Data keys are 32 bytes (KMS v2 seeds, KMS v1 DEKs). The limit leaves every provider's wrapped form under
+# the apiserver's 1 kB ciphertext limit, so an oversized request is the caller's error, not a broken answer.
+_MAX_PLAINTEXT = 512
+# The trailing metadata key that carries a failed call's KleidiError.kind (kleidi/api/remote_v1.proto).
+ERROR_KIND = "kleidi-error-kind"
+
+T = TypeVar("T")
+
+
+class Call:
+    """Runs one RPC: deadline, metrics, the error-to-status mapping and the request log line.
+
+    The backend work runs on the worker pool, so a slow or hung backend never delays Status or other
+    callers' RPCs; only a provider that is ``inline_safe`` (microsecond calls that cannot block) runs on
+    the loop itself, which saves the two thread wake-ups of the hop."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        health: HealthMonitor,
+        api: str,
+        pool: futures.ThreadPoolExecutor,
+        provider: Provider,
+    ) -> None:
+        self._provider = provider
+        self._metrics = metrics
+        self._health = health
+        self._api = api
+        self._pool = pool
+        self._latency = {m: metrics.request_seconds.labels(api, m) for m in ("Encrypt", "Decrypt")}
+        self._ok = {m: metrics.requests.labels(api, m, "OK") for m in ("Encrypt", "Decrypt")}
+
+    async def run(
+        self,
+        method: str,
+        uid: str,
+        context: grpc.aio.ServicerContext,
+        body: Callable[[float | None], T],
+        fast: Callable[[float | None], Awaitable[T | None]] | None = None,
+    ) -> T:
+        """``body`` does the work on a worker thread (or inline, for an inline-safe provider); ``fast``, when
+        given, is tried first on the loop and answers None to fall back to ``body``."""
+        started = time.perf_counter()
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        code = grpc.StatusCode.OK
+        try:
+            if fast is not None:
+                answer = await fast(deadline)
+                if answer is not None:
+                    return answer
+            if self._provider.inline_safe:  # asked per call: the provider may say no while busy or reconnecting
+                token = INLINE.set(True)
+                try:
+                    return body(deadline)
+                except WouldBlock:
+                    pass  # it would have waited (no free session, a reconnect): a worker does it instead
+                finally:
+                    INLINE.reset(token)
+            return await _offload(self._pool, body, deadline)
+        except KleidiError as exc:
+            code = exc.code
+            # A request that expired in the queue says the plugin is overloaded, not that the backend failed:
+            # no health check is forced, and one line per request would only flood the log.
+            overloaded = isinstance(exc, DeadlinePassed)
+            log.log(
+                logging.DEBUG if overloaded else logging.WARNING,
+                "request failed",
+                extra={"api": self._api, "method": method, "uid": uid, "error": exc.kind, "reason": str(exc)},
+            )
+            if code == grpc.StatusCode.UNAVAILABLE and not overloaded:
+                self._health.poke()
+            await context.abort(code, str(exc), ((ERROR_KIND, exc.kind),))
+            raise AssertionError("unreachable") from None  # abort() always raises
+        except asyncio.CancelledError:  # the caller's deadline passed or it went away
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            log.error("request crashed", exc_info=True, extra={"api": self._api, "method": method, "uid": uid})
+            await context.abort(code, "internal error; see the plugin log", ((ERROR_KIND, KleidiError.kind),))
+            raise AssertionError("unreachable") from None
+        finally:
+            elapsed = time.perf_counter() - started
+            self._latency[method].observe(elapsed)
+            if code == grpc.StatusCode.OK:
+                self._ok[method].inc()
+            else:
+                self._metrics.requests.labels(self._api, method, code.name).inc()
+            # One line per request only at debug: KMS v2 calls are rare in real life, but a decrypt burst
+            # after an apiserver restart should not be slowed down by logging.
+            if code == grpc.StatusCode.OK and log.isEnabledFor(logging.DEBUG):
+                log.debug(
+                    "request", extra={"api": self._api, "method": method, "uid": uid, "ms": round(elapsed * 1000, 3)}
+                )
+
+
+async def _offload(pool: futures.ThreadPoolExecutor, body: Callable[[float | None], T], deadline: float | None) -> T:
+    """Run ``body(deadline)`` on the worker pool and await it. Leaner than run_in_executor (no
+    concurrent.futures.Future chained to an asyncio one): this hop is on every Encrypt and Decrypt."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def job() -> None:
+        # Queued behind slow calls: a request whose caller has given up must not cost the backend anything.
+        if done.cancelled() or (deadline is not None and time.monotonic() >= deadline):
+            loop.call_soon_threadsafe(_settle, done, None, DeadlinePassed("deadline passed while queued"))
+            return
+        try:
+            result = body(deadline)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(_settle, done, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, done, result, None)
+
+    pool.submit(job)
+    return await done
+
+
+def _settle(done: asyncio.Future[T], result: T | None, exc: BaseException | None) -> None:
+    if done.cancelled():  # the caller went away (deadline, cancellation) while the backend worked
+        return
+    if exc is not None:
+        done.set_exception(exc)
+    else:
+        done.set_result(result)  # type: ignore[arg-type]
+
+
+def check_plaintext(plaintext: bytes) -> None:
+    if not plaintext:
+        raise InvalidInput("plaintext is empty")
+    if len(plaintext) > _MAX_PLAINTEXT:
+        raise InvalidInput(f"plaintext is {len(plaintext)} bytes; data keys are at most {_MAX_PLAINTEXT}")
+
+
+def check_ciphertext(ciphertext: bytes) -> None:
+    if not ciphertext:
+        raise InvalidInput("ciphertext is empty")
+    # Every blob kleidi makes fits the apiserver's limit: a larger one is not ours, and never reaches the backend.
+    if len(ciphertext) > contract.MAX_CIPHERTEXT_BYTES:
+        raise InvalidInput(
+            f"ciphertext is {len(ciphertext)} bytes; kleidi's are at most {contract.MAX_CIPHERTEXT_BYTES}"
+        )
+
+
+def check_decrypt_request(ciphertext: bytes, annotations: Mapping[str, bytes]) -> None:
+    check_ciphertext(ciphertext)
+    if annotations:
+        problems = contract.annotation_problems(annotations)
+        if problems:
+            raise InvalidInput("; ".join(problems))
+
+
+def check_wrapped(wrapped: Wrapped) -> Wrapped:
+    """A provider's Encrypt answer, as the apiserver will judge it."""
+    problems = (
+        contract.ciphertext_problems(wrapped.ciphertext)
+        + contract.key_id_problems(wrapped.key_id)
+        + contract.annotation_problems(wrapped.annotations)
+    )
+    if problems:  # a provider bug; the apiserver would reject the answer anyway
+        raise KleidiError("provider answer breaks the KMS contract: " + "; ".join(problems))
+    return wrapped
