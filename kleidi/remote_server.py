@@ -27,7 +27,7 @@ from kleidi.config import ServeRemoteConfig
 from kleidi.errors import ConfigError
 from kleidi.health import HealthMonitor
 from kleidi.observability import Metrics
-from kleidi.providers.base import Provider, fast_path
+from kleidi.providers.base import Provider, Wrapped, fast_path
 from kleidi.remote_tls import ServerTls
 from kleidi.rpc import Call, check_decrypt_request, check_plaintext, check_wrapped
 
@@ -64,7 +64,7 @@ class KeyServerServicer(remote_v1_pb2_grpc.KeyServerServicer):
     async def Encrypt(
         self, request: remote_v1_pb2.EncryptRequest, context: grpc.aio.ServicerContext
     ) -> remote_v1_pb2.EncryptResponse:
-        def answer(wrapped: Any) -> remote_v1_pb2.EncryptResponse:
+        def answer(wrapped: Wrapped) -> remote_v1_pb2.EncryptResponse:
             wrapped = check_wrapped(wrapped)
             return remote_v1_pb2.EncryptResponse(
                 ciphertext=wrapped.ciphertext, key_id=wrapped.key_id, annotations=dict(wrapped.annotations)
@@ -256,8 +256,9 @@ class RemoteFront:
         host, port = self._cfg.address
         try:
             asyncio.run_coroutine_threadsafe(self._listen(host, port), self._loop).result(30)
-        except OSError as exc:
-            raise ConfigError(f"serve_remote.listen: cannot listen on {self._cfg.listen}: {exc.strerror}") from None
+        except OSError as exc:  # asyncio's message repeats the address; the errno's words are enough
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ConfigError(f"serve_remote.listen: cannot listen on {self._cfg.listen}: {reason}") from None
 
     async def _listen(self, host: str, port: int) -> None:
         self._server = await self._loop.create_server(lambda: _Accept(self), host, port, reuse_address=True)
