@@ -448,6 +448,24 @@ def _late_answered(client: Client, late: KeyServer) -> bool:
     return late.fake.called("Status") > 0
 
 
+def test_an_endpoint_whose_kek_is_unknown_is_used_only_once_it_agrees(
+    servers: list[KeyServer], make_client: Any
+) -> None:
+    """Down at the check, so its KEK is unknown: a Decrypt there could get a final answer (NOT_FOUND) another key
+    server would not give. The next check (which a failed call asks for at once) admits it."""
+    first, late, _ = servers
+    late.stop()
+    client = make_client([first.address, late.address])
+    client.provider.check()
+    late.start()
+    first.stop()
+    with pytest.raises(BackendUnavailable):
+        client.provider.encrypt(b"k" * 32, "u")
+    assert late.fake.called("Encrypt") == 0
+    wait_for(lambda: _late_answered(client, late), 5, "the late endpoint's Status")
+    assert client.round_trip() == b"k" * 32
+
+
 def test_a_rotation_on_every_key_server_moves_the_key_id(servers: list[KeyServer], make_client: Any) -> None:
     first, second, _ = servers
     client = make_client([first.address, second.address])

@@ -65,7 +65,8 @@ class _Endpoint:
         self.stub: Any = None
         self.healthy = False  # answered the last check healthy, with the agreed key_id, and no call failed since
         self.mismatched = False  # reports another key_id than the agreed one: never used until it agrees
-        self.trusted = False  # reported the agreed key_id, and not another since: its Status counts in the vote
+        # Reported the agreed key_id, and not another since: it votes on the key_id, and calls may use it.
+        self.trusted = False
         self.problem = "not checked yet"
         self._metrics = metrics
         self._calls: dict[tuple[str, grpc.StatusCode], Any] = {}
@@ -218,12 +219,11 @@ class RemoteProvider:
 
     def _disagreement(self, key_id: str) -> str:
         """Why an Encrypt answer cannot be used: its key_id is not the one Status reports (a key server rotated
-        since the last check). Refusing it is UNAVAILABLE, which runs the health check at once."""
+        since the last check). When no endpoint answers with the agreed one, the call is UNAVAILABLE, on which the
+        server runs the health check at once: it publishes the new key_id as soon as the key servers agree."""
         if self._key_id and key_id != self._key_id:
-            return (
-                f"answered Encrypt with key_id {key_id_hash(key_id)}, not the agreed {key_id_hash(self._key_id)}"
-                " (hashes); re-checking"
-            )
+            agreed = key_id_hash(self._key_id)
+            return f"answered Encrypt with key_id {key_id_hash(key_id)}, not the agreed {agreed} (hashes)"
         return ""
 
     def _demote(self, endpoint: _Endpoint, reason: str) -> None:
@@ -237,7 +237,11 @@ class RemoteProvider:
         log.warning("key server failed a call; trying it last until the next check", extra=self._about(endpoint))
 
     def _ordered(self) -> tuple[_Endpoint, ...]:
-        usable = [e for e in self._endpoints if not e.mismatched]
+        """Healthy endpoints first, then the others that may be used: once some endpoint agreed on the key_id,
+        only those that did (an endpoint whose KEK is unknown could answer a Decrypt with a final error that
+        another would not give); before that, every endpoint not known to disagree."""
+        anyone_trusted = any(e.trusted for e in self._endpoints)
+        usable = [e for e in self._endpoints if e.trusted or not (anyone_trusted or e.mismatched)]
         return tuple([e for e in usable if e.healthy] + [e for e in usable if not e.healthy])
 
     # --- health ----------------------------------------------------------------------------------------------
@@ -259,17 +263,18 @@ class RemoteProvider:
         return self._vote(found), found
 
     def _vote(self, found: dict[_Endpoint, Any]) -> str:
-        """The key_id the most healthy voters report; on a tie, the earliest endpoint's. Once a key_id is agreed,
-        only endpoints that agreed with it vote: one that never did (or disagreed since) cannot take over when
-        the others are away, which would flip the key_id the apiserver sees and strand what it wrote meanwhile.
-        A rotation still goes through, since it shows on the endpoints that agreed before."""
+        """The key_id the most healthy voters report; on a tie, the earliest endpoint's. While some endpoint
+        agrees with the current key_id, only those that do vote: one that never agreed (or disagreed since) cannot
+        take over when the others are away, which would flip the key_id the apiserver sees and strand what it
+        wrote meanwhile. A rotation still goes through, since it shows on the endpoints that agreed before."""
+        anyone_trusted = any(e.trusted for e in self._endpoints)
         votes: Counter[str] = Counter()
         first: dict[str, int] = {}
         for index, endpoint in enumerate(self._endpoints):
             answer = found[endpoint]
             if isinstance(answer, str) or answer.healthz != "ok" or not answer.key_id:
                 continue
-            if self._key_id and not endpoint.trusted:
+            if anyone_trusted and not endpoint.trusted:
                 continue
             votes[answer.key_id] += 1
             first.setdefault(answer.key_id, index)
@@ -336,13 +341,15 @@ class RemoteProvider:
                 },
             )
         else:
-            endpoint.mismatched = False
+            # An empty key_id (a key server still starting), or one while nothing is agreed yet, says nothing.
+            if answer.key_id and answer.key_id == reference:
+                endpoint.mismatched, endpoint.trusted = False, True
             if answer.healthz != "ok":
                 endpoint.healthy, endpoint.problem = False, f"reports unhealthy: {answer.healthz[:_MAX_DETAILS]}"
             elif not answer.key_id:
                 endpoint.healthy, endpoint.problem = False, "reports no key_id"
             else:
-                endpoint.healthy, endpoint.trusted, endpoint.problem = True, True, ""
+                endpoint.healthy, endpoint.problem = True, ""
         endpoint.up.set(1 if endpoint.healthy else 0)
         endpoint.mismatch.set(1 if endpoint.mismatched else 0)
         if endpoint.healthy and not was_healthy:
