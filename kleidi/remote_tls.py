@@ -1,4 +1,6 @@
-"""The key server's TLS context (serve_remote): built from the configured files, rebuilt when they change."""
+"""Proxy mode's TLS files, both sides: the key server's context (serve_remote) and a client's certificate, key and
+CA (provider: remote). Each is checked when read, with errors that name the setting and the file but never show
+the content, and is read again when the files change."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from kleidi.config import ServeRemoteConfig
+from kleidi.config import RemoteConfig, ServeRemoteConfig
 from kleidi.errors import ConfigError
 from kleidi.observability import Metrics
 
@@ -18,6 +22,8 @@ log = logging.getLogger("kleidi.remote")
 # burst of connections costs one stat() per file per second, not one per connection.
 LOOK_EVERY = 1.0
 
+# (mtime_ns, size, inode) of each file, None for one that cannot be looked at: a rotation by rename, by copy or by
+# rewrite in place changes at least one of them.
 Signature = tuple[tuple[int, int, int] | None, ...]
 
 
@@ -29,8 +35,8 @@ def _no_password() -> bytes:
     raise _EncryptedKey
 
 
-def signature(paths: tuple[str, ...]) -> Signature:
-    """What tells a changed file from the same one: mtime, size and inode (a rename puts a new inode in place)."""
+def signature(paths: Sequence[str]) -> Signature:
+    """What tells a changed file from the same one."""
     found: list[tuple[int, int, int] | None] = []
     for path in paths:
         try:
@@ -42,12 +48,12 @@ def signature(paths: tuple[str, ...]) -> Signature:
     return tuple(found)
 
 
-def _read(path: str, setting: str) -> bytes:
+def read_file(path: str, setting: str) -> bytes:
     try:
         with open(path, "rb") as file:
             return file.read()
     except OSError as exc:
-        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror}") from None
+        raise ConfigError(f"{setting}: cannot read {path}: {exc.strerror or type(exc).__name__}") from None
 
 
 def build_context(cfg: ServeRemoteConfig) -> tuple[ssl.SSLContext, str]:
@@ -55,9 +61,9 @@ def build_context(cfg: ServeRemoteConfig) -> tuple[ssl.SSLContext, str]:
     in hex. Every problem is a ConfigError naming the setting and the file, never a key's content."""
     from cryptography import x509  # only a key server needs it; a plain plugin does not pay for the import
 
-    ca = _read(cfg.ca_cert, "serve_remote.ca_cert")
-    cert_pem = _read(cfg.cert, "serve_remote.cert")
-    _read(cfg.key, "serve_remote.key")  # its own error when unreadable; the content is left to OpenSSL
+    ca = read_file(cfg.ca_cert, "serve_remote.ca_cert")
+    cert_pem = read_file(cfg.cert, "serve_remote.cert")
+    read_file(cfg.key, "serve_remote.key")  # its own error when unreadable; the content is left to OpenSSL
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
     except ValueError:
@@ -130,3 +136,55 @@ class ServerTls:
         log.info(
             "certificate files re-read; new connections get them", extra={"cert": self._cfg.cert, "serial": serial}
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Material:
+    """What grpc.ssl_channel_credentials takes, and the files' signature when they were read."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+    signature: Signature
+    subject: str  # the client certificate's CN, for logs
+
+
+def client_files(config: RemoteConfig) -> tuple[str, str, str]:
+    return config.ca_cert, config.client_cert, config.client_key
+
+
+def load_client(config: RemoteConfig) -> Material:
+    """Read and check the three files. Every problem is a ConfigError naming the setting and the file, never
+    showing their content; a key that does not belong to the certificate (a rotation half done) is one."""
+    # Taken before reading: a file replaced while it is read then looks changed at the next look, and is read again.
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    sig = signature(client_files(config))
+    data = {
+        setting: read_file(path, f"remote.{setting}")
+        for setting, path in zip(("ca_cert", "client_cert", "client_key"), client_files(config), strict=True)
+    }
+    try:
+        x509.load_pem_x509_certificates(data["ca_cert"])
+    except ValueError:
+        raise ConfigError(f"remote.ca_cert: {config.ca_cert} holds no PEM certificate") from None
+    try:
+        leaf = x509.load_pem_x509_certificates(data["client_cert"])[0]
+    except ValueError:
+        raise ConfigError(f"remote.client_cert: {config.client_cert} holds no PEM certificate") from None
+    try:
+        key = serialization.load_pem_private_key(data["client_key"], password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        # The library's own message is not shown: for some malformed inputs it could quote bytes of the file.
+        raise ConfigError(f"remote.client_key: {config.client_key} is not an unencrypted PEM private key") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise ConfigError(
+            f"remote.client_key: {config.client_key} is not the key of the certificate in remote.client_cert"
+            f" ({config.client_cert})"
+        )
+    names = leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    subject = str(names[0].value) if names else leaf.subject.rfc4514_string()
+    return Material(data["ca_cert"], data["client_cert"], data["client_key"], sig, subject)

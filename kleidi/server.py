@@ -162,7 +162,9 @@ class KleidiServer:
         self._servicers: tuple[KmsV2Servicer, KmsV1Servicer] | None = None
         self._watchdog: threading.Thread | None = None
         self._binding = threading.Lock()  # a re-bind and stop() never interleave
-        self._socket_problem: str | None = None
+        # Until start() has every listener up (the probes come first), readiness says so: a key server must not
+        # look ready before its serve_remote port listens.
+        self._socket_problem: str | None = "starting"
         self._remote: RemoteFront | None = None
         self._remote_grpc: grpc.aio.Server | None = None
 
@@ -198,6 +200,7 @@ class KleidiServer:
         self._watchdog.start()
         if self._remote is not None:
             self._start_remote(self._remote, self._pool)
+        self._socket_problem = None
         log.info(
             "serving",
             extra={
@@ -295,7 +298,7 @@ class KleidiServer:
         return Call(self.metrics, self.health, api, pool, self.provider)
 
     def _probe_health(self) -> tuple[bool, str]:
-        problem = self._socket_problem
+        problem = self._socket_problem  # "starting", or the socket is gone
         if problem is not None:
             return False, problem
         state = self.health.state

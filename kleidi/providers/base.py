@@ -13,6 +13,10 @@ from kleidi.errors import InvalidInput
 # reconnect, and raises kleidi.errors.WouldBlock instead, so the server hands the call to a worker.
 INLINE: ContextVar[bool] = ContextVar("kleidi_inline", default=False)
 
+# A provider that retries or fails over gives up this long before the caller's deadline, so the caller gets
+# kleidi's reason rather than a bare DEADLINE_EXCEEDED.
+DEADLINE_MARGIN = 0.025
+
 
 @dataclass(frozen=True, slots=True)
 class Wrapped:

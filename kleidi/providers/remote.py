@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 
+from kleidi import remote_tls
 from kleidi.api import remote_v1_pb2, remote_v1_pb2_grpc
 from kleidi.config import RemoteConfig
 from kleidi.errors import (
@@ -25,8 +26,7 @@ from kleidi.errors import (
     KleidiError,
 )
 from kleidi.observability import Metrics, key_id_hash
-from kleidi.providers import remote_tls
-from kleidi.providers.base import Wrapped
+from kleidi.providers.base import DEADLINE_MARGIN, Wrapped
 
 log = logging.getLogger("kleidi.remote")
 
@@ -37,9 +37,6 @@ _FINAL = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
 ERROR_KIND = "kleidi-error-kind"
 # How old the last look at the certificate files may be before a call looks again (each health check looks too).
 _FILES_EVERY = 5.0
-# Give up this long before the caller's deadline, so it gets kleidi's reason rather than DEADLINE_EXCEEDED (as
-# vault_http does).
-_DEADLINE_MARGIN = 0.025
 # Channels replaced after a certificate change are closed this much later, so calls already on them can finish.
 _RETIRE_AFTER = 30.0
 _MAX_DETAILS = 200
@@ -100,7 +97,7 @@ class RemoteProvider:
     def __init__(self, config: RemoteConfig, metrics: Metrics) -> None:
         self._config = config
         self._metrics = metrics
-        self._material = remote_tls.load(config)
+        self._material = remote_tls.load_client(config)
         self._endpoints = tuple(_Endpoint(address, metrics) for address in config.endpoints)
         self._order: tuple[_Endpoint, ...] = self._endpoints  # the call order; rebuilt, never changed in place
         self._key_id = ""
@@ -190,7 +187,7 @@ class RemoteProvider:
         end = deadline if deadline is not None else time.monotonic() + self._config.timeout * len(order)
         problems: list[str] = []
         for index, endpoint in enumerate(order):
-            left = end - time.monotonic() - _DEADLINE_MARGIN
+            left = end - time.monotonic() - DEADLINE_MARGIN
             if left <= 0:
                 if index == 0:
                     raise DeadlinePassed(f"the deadline passed before {method} could be sent to a key server")
@@ -392,10 +389,10 @@ class RemoteProvider:
         try:
             self._files_looked = now
             self._close_retired(now)
-            if remote_tls.signature(self._config) == self._material.signature:
+            if remote_tls.signature(remote_tls.client_files(self._config)) == self._material.signature:
                 return
             try:
-                material = remote_tls.load(self._config)
+                material = remote_tls.load_client(self._config)
             except ConfigError as exc:
                 self._metrics.tls_reloads.labels("client", "error").inc()
                 if str(exc) != self._reload_problem:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from kleidi.config import VaultConfig
 from kleidi.errors import BackendUnavailable
 from kleidi.observability import Metrics
+from kleidi.providers.base import DEADLINE_MARGIN
 
 # The largest answer read from Vault (key information with thousands of versions is far below it).
 _MAX_RESPONSE = 1024 * 1024
@@ -38,8 +39,6 @@ _MAX_REASON = 200
 # Backoff between attempts: 50 ms doubling to 1 s, with jitter, always inside the caller's deadline.
 _BACKOFF_FIRST = 0.05
 _BACKOFF_MAX = 1.0
-# Give up this long before the caller's deadline, so it gets kleidi's reason rather than DEADLINE_EXCEEDED.
-_DEADLINE_MARGIN = 0.025
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +297,7 @@ class VaultHttp:
         auth_retried = False
         while True:
             token = auth.current(deadline) if auth is not None else None
-            remaining = deadline - time.monotonic() - _DEADLINE_MARGIN
+            remaining = deadline - time.monotonic() - DEADLINE_MARGIN
             if remaining <= 0:
                 raise BackendUnavailable(f"no answer from Vault at {self.address} for {operation} before the deadline")
             try:
@@ -319,7 +318,7 @@ class VaultHttp:
                 failure = BackendUnavailable(self.transient_reason(reply))
             delay = min(_BACKOFF_FIRST * 2**attempt, _BACKOFF_MAX) * (0.5 + random.random() / 2)  # noqa: S311
             attempt += 1
-            if time.monotonic() + delay >= deadline - _DEADLINE_MARGIN:
+            if time.monotonic() + delay >= deadline - DEADLINE_MARGIN:
                 raise failure
             time.sleep(delay)
 
