@@ -2,7 +2,7 @@
 
 `SoftwareTPM` starts, in a temporary directory:
 
-- swtpm (TPM 2.0 emulator) on two consecutive free 127.0.0.1 ports with a fresh state directory,
+- swtpm (TPM 2.0 emulator) on two consecutive free 127.0.0.1 ports (tests/ports.py) with a fresh state directory,
 - a private dbus session bus (tpm2-abrmd registers on it; nothing touches the host's buses),
 - tpm2-abrmd, the resource manager: without it the TPM runs out of object contexts (TPM_RC 0x902),
 - a tpm2-pkcs11 store (sqlite) provisioned with `tpm2_ptool`: one token, an AES-256 key and an
@@ -34,6 +34,7 @@ from types import TracebackType
 from typing import IO, Self
 
 from tests.backends.process import die_with_parent, stop_process
+from tests.ports import free_port_pair
 
 MODULE = "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so"
 TCTI = "tabrmd:bus_type=session"
@@ -43,26 +44,6 @@ STOP_TIMEOUT = 5.0
 
 class TPMFixtureError(RuntimeError):
     pass
-
-
-def _free_port_pair() -> int:
-    """A port P such that P and P+1 are both free on 127.0.0.1 right now.
-
-    The swtpm TCTI derives the control port as P+1, so the pair must be consecutive. Another process can
-    still take a port between this check and swtpm's bind; `start_tpm` retries with a new pair then."""
-    for _ in range(200):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            port = first.getsockname()[1]
-            if port >= 65535:
-                continue
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", port + 1))
-                except OSError:
-                    continue
-                return int(port)
-    raise TPMFixtureError("no pair of consecutive free ports on 127.0.0.1")
 
 
 class SoftwareTPM:
@@ -319,7 +300,7 @@ class SoftwareTPM:
         last_error = ""
         for attempt in range(6):
             # A restart tries the old ports first (abrmd is restarted too, so new ones are fine after that).
-            port = self.port if self.port and attempt < 3 else _free_port_pair()
+            port = self.port if self.port and attempt < 3 else free_port_pair()
             proc = subprocess.Popen(
                 [
                     "swtpm",
