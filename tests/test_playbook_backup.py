@@ -166,10 +166,16 @@ class Cluster:
         self, playbook: str, *hosts: str, args: tuple[str, ...] = ("-v",), passphrase: str = PASSPHRASE
     ) -> PlayResult:
         extra = {"kleidi_softhsm_pin": PIN, "kleidi_softhsm_so_pin": SO_PIN, "kleidi_backup_passphrase": passphrase}
-        result = run_playbook(playbook, self.inventory(*hosts), *args, extra_vars=extra)
+        result = run_playbook(playbook, self.inventory(*hosts), *args, extra_vars=extra, env={"TMPDIR": str(self.tmp)})
         for secret in SECRETS:
             assert secret not in result.output, "a secret shows in ansible-playbook's output"
         return result
+
+    @property
+    def tmp(self) -> Path:
+        """The nodes' temp directory (TMPDIR): the playbooks' private copies go here, not to the /tmp that other
+        tests' backups share at the same time."""
+        return self.base / "tmp"
 
     @property
     def backups(self) -> Path:
@@ -216,6 +222,8 @@ def cluster() -> Iterator[Cluster]:
     base = Path(tempfile.mkdtemp(prefix="kbtest-"))
     base.chmod(0o755)
     nodes = Cluster(base)
+    nodes.tmp.mkdir(mode=0o1777)
+    nodes.tmp.chmod(0o1777)  # as /tmp: the plugin's user makes its own private directories there too
     extra = {"kleidi_softhsm_pin": PIN, "kleidi_softhsm_so_pin": SO_PIN}
     run_playbook("tests/playbooks/kleidi_softhsm.yml", nodes.inventory("cp-1", "cp-2"), extra_vars=extra).assert_ok()
     try:
@@ -300,7 +308,8 @@ def test_the_manifest_says_what_and_from_where_and_nothing_secret(cluster: Clust
         (backup.file.with_suffix("").with_suffix(".json"), 0o600),
     ):
         assert path.stat().st_mode & 0o777 == mode, path
-    assert not list(Path("/tmp").glob("kleidi-backup-*")), "the node's private copy was left behind"
+    assert f"{cluster.tmp}/kleidi-backup-" in backup.result.output, "the node's private copy was not where TMPDIR says"
+    assert not list(cluster.tmp.glob("kleidi-backup-*")), "the node's private copy was left behind"
 
 
 def test_no_secret_is_in_any_process_arguments(backup: Backup) -> None:
