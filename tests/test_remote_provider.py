@@ -248,11 +248,13 @@ def _checks(client: Client) -> bool:
 
 def test_failover_when_the_first_endpoint_is_gone(servers: list[KeyServer], make_client: Any) -> None:
     client = make_client([dead_address(), servers[0].address])
-    assert client.round_trip() == b"k" * 32  # before any check: configured order
+    blob = f"wrapped:{KEK_1}:s".encode()
+    # before any check (only Decrypt may go, it names its key): configured order
+    assert client.provider.decrypt(blob, KEK_1, {"fake.kleidi.io/uid": b"u"}, "u") == b"s"
     dead = client.config.endpoints[0]
-    assert client.sample("kleidi_remote_failovers_total", endpoint=dead) == 2
-    assert client.sample("kleidi_remote_calls_total", endpoint=dead, method="Encrypt", code="UNAVAILABLE") == 1
-    ok = client.sample("kleidi_remote_calls_total", endpoint=servers[0].address, method="Encrypt", code="OK")
+    assert client.sample("kleidi_remote_failovers_total", endpoint=dead) == 1
+    assert client.sample("kleidi_remote_calls_total", endpoint=dead, method="Decrypt", code="UNAVAILABLE") == 1
+    ok = client.sample("kleidi_remote_calls_total", endpoint=servers[0].address, method="Decrypt", code="OK")
     assert ok == 1
 
 
@@ -290,6 +292,7 @@ def test_no_call_outlives_its_deadline_when_every_endpoint_hangs(servers: list[K
 
 def test_a_call_whose_deadline_has_passed_is_not_sent(servers: list[KeyServer], make_client: Any) -> None:
     client = make_client([servers[0].address])
+    checked(client, servers)
     with pytest.raises(DeadlinePassed):
         client.provider.encrypt(b"k" * 32, "u", time.monotonic() - 0.1)
     assert servers[0].fake.called("Encrypt") == 0
@@ -334,6 +337,7 @@ def test_a_key_server_that_cannot_serve_is_failed_over(
 ) -> None:
     first, second, _ = servers
     client = make_client([first.address, second.address])
+    checked(client, servers)
     first.fake.fail["Encrypt"] = (code, kind)
     assert client.provider.encrypt(b"k" * 32, "u").key_id == KEK_1
     assert (first.fake.called("Encrypt"), second.fake.called("Encrypt")) == (1, 1)
@@ -346,7 +350,8 @@ def test_a_key_server_that_cannot_serve_is_failed_over(
     assert f"{first.address}: {code.name}" in text and f"{second.address}: {code.name}" in text
     if kind:
         assert f"({kind})" in text
-    assert client.sample("kleidi_remote_failovers_total", endpoint=second.address) == 0  # nothing after the last
+    # the first, now tried last since it failed, had nothing after it
+    assert client.sample("kleidi_remote_failovers_total", endpoint=first.address) == 1
 
 
 def test_a_failed_call_sends_later_calls_elsewhere_until_the_next_check(
@@ -412,17 +417,95 @@ def test_an_endpoint_with_another_kek_is_refused_and_reported_until_it_agrees(
 
 
 @pytest.mark.parametrize("odd_first", [True, False])
-def test_on_a_tie_the_earliest_endpoint_sets_the_key_id(
+def test_one_key_server_changing_kek_never_flips_the_key_id(
     servers: list[KeyServer], make_client: Any, odd_first: bool
 ) -> None:
+    """The reviewer's case: two key servers agreed, then the wrong token is loaded on one. One against one is a tie,
+    and a tie keeps the agreed key_id, whichever endpoint comes first."""
     usual, odd, _ = servers
-    odd.fake.key_id = KEK_2
     order = [odd, usual] if odd_first else [usual, odd]
     client = make_client([s.address for s in order])
     client.provider.check()
-    assert client.provider.key_id() == (KEK_2 if odd_first else KEK_1)
-    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=order[1].address) == 1
-    assert client.provider.encrypt(b"k" * 32, "u").key_id == client.provider.key_id()
+    seen = [client.provider.key_id()]
+    odd.fake.key_id = KEK_2
+    client.provider.check()
+    seen.append(client.provider.key_id())
+    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=odd.address) == 1
+    assert client.sample("kleidi_remote_endpoint_up", endpoint=usual.address) == 1
+    for server in servers:
+        server.fake.calls.clear()
+    assert client.provider.encrypt(b"k" * 32, "u").key_id == KEK_1
+    assert (usual.fake.called("Encrypt"), odd.fake.called("Encrypt")) == (1, 0)
+    odd.fake.key_id = KEK_1  # fixed again
+    client.provider.check()
+    seen.append(client.provider.key_id())
+    assert seen == [KEK_1, KEK_1, KEK_1]
+    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=odd.address) == 0
+
+
+def test_before_any_key_id_is_agreed_a_tie_goes_to_the_earliest_endpoint(
+    servers: list[KeyServer], make_client: Any
+) -> None:
+    odd, usual, _ = servers
+    odd.fake.key_id = KEK_2
+    client = make_client([odd.address, usual.address])
+    client.provider.check()
+    assert client.provider.key_id() == KEK_2
+    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=usual.address) == 1
+
+
+def test_a_sole_survivor_reporting_another_key_id_is_refused(servers: list[KeyServer], make_client: Any) -> None:
+    """One of two agreeing key servers is away and the other now reports another key_id: one of two is no
+    majority, so the key_id stays, the survivor is refused, and the plugin turns unhealthy."""
+    gone, survivor, _ = servers
+    client = make_client([gone.address, survivor.address])
+    client.provider.check()
+    gone.stop()
+    survivor.fake.key_id = KEK_2
+    with pytest.raises(BackendUnavailable) as raised:
+        client.provider.check()
+    assert "another KEK" in str(raised.value)
+    assert client.provider.key_id() == KEK_1
+    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=survivor.address) == 1
+    survivor.fake.calls.clear()
+    with pytest.raises(BackendUnavailable):
+        client.provider.encrypt(b"k" * 32, "u")
+    assert survivor.fake.called("Encrypt") == 0
+    # the one that was away comes back with the agreed key: it serves, the survivor stays refused
+    gone.start()
+    wait_for(lambda: _checks_ok(client), 5, "the returning key server usable")
+    assert client.provider.key_id() == KEK_1
+    assert client.provider.encrypt(b"k" * 32, "u").key_id == KEK_1
+    assert survivor.fake.called("Encrypt") == 0
+
+
+def _checks_ok(client: Client) -> bool:
+    try:
+        client.provider.check()
+    except KleidiError:
+        return False
+    return True
+
+
+def test_encrypt_is_refused_until_a_key_id_is_agreed(servers: list[KeyServer], make_client: Any) -> None:
+    """Before a check has agreed on a key_id, an Encrypt answer could carry any key server's key_id: it is refused
+    (UNAVAILABLE, on which the server runs a check at once). Decrypt names its key, so it may go through."""
+    server = servers[0]
+    server.fake.healthz = "token gone"
+    client = make_client([server.address])
+    with pytest.raises(BackendUnavailable) as raised:
+        client.provider.encrypt(b"k" * 32, "u")
+    assert "no key_id agreed" in str(raised.value)
+    with pytest.raises(BackendUnavailable):
+        client.provider.check()  # the first check fails: still nothing agreed
+    assert client.provider.key_id() == ""
+    with pytest.raises(BackendUnavailable):
+        client.provider.encrypt(b"k" * 32, "u")
+    assert server.fake.called("Encrypt") == 0
+    assert client.provider.decrypt(f"wrapped:{KEK_1}:s".encode(), KEK_1, {"fake.kleidi.io/uid": b"u"}, "u") == b"s"
+    server.fake.healthz = "ok"
+    client.provider.check()
+    assert client.provider.encrypt(b"k" * 32, "u").key_id == KEK_1
 
 
 def test_an_endpoint_that_never_agreed_cannot_take_over(servers: list[KeyServer], make_client: Any) -> None:
@@ -470,15 +553,70 @@ def test_a_rotation_on_every_key_server_moves_the_key_id(servers: list[KeyServer
     first, second, _ = servers
     client = make_client([first.address, second.address])
     client.provider.check()
-    # a rolling rotation: the first key server has rotated, the second not yet (a tie: the earliest wins)
+    # a rolling rotation: the first key server has rotated, the second not yet (a tie: the agreed key_id stays)
     first.fake.key_id = KEK_2
     client.provider.check()
-    assert client.provider.key_id() == KEK_2
-    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=second.address) == 1
+    assert client.provider.key_id() == KEK_1
+    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=first.address) == 1
     second.fake.key_id = KEK_2
     client.provider.check()
-    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=second.address) == 0
-    assert client.sample("kleidi_remote_endpoint_up", endpoint=second.address) == 1
+    assert client.provider.key_id() == KEK_2
+    for server in (first, second):
+        assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=server.address) == 0
+        assert client.sample("kleidi_remote_endpoint_up", endpoint=server.address) == 1
+    assert client.provider.encrypt(b"k" * 32, "u").key_id == KEK_2
+
+
+def test_a_strict_majority_of_the_agreeing_key_servers_moves_the_key_id(
+    servers: list[KeyServer], make_client: Any
+) -> None:
+    """Those that agreed count whether they answer or not: with one of three away, one rotated key server is not
+    enough, two are."""
+    first, second, away = servers
+    client = make_client([s.address for s in servers])
+    client.provider.check()
+    away.stop()
+    first.fake.key_id = KEK_2
+    with contextlib.suppress(BackendUnavailable):
+        client.provider.check()
+    assert client.provider.key_id() == KEK_1
+    second.fake.key_id = KEK_2
+    client.provider.check()
+    assert client.provider.key_id() == KEK_2
+    # the one that was away comes back on the old key: refused until it has the new one too
+    away.fake.calls.clear()
+    away.start()
+    wait_for(lambda: _late_answered(client, away), 5, "the returning endpoint's Status")
+    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=away.address) == 1
+    away.fake.key_id = KEK_2
+    wait_for(lambda: _checks(client), 5, "every endpoint on the new key_id")
+    assert client.provider.key_id() == KEK_2
+
+
+def test_a_single_endpoint_that_rotates_moves_the_key_id(servers: list[KeyServer], make_client: Any) -> None:
+    server = servers[0]
+    client = make_client([server.address])
+    client.provider.check()
+    server.fake.key_id = KEK_2
+    client.provider.check()
+    assert client.provider.key_id() == KEK_2
+    assert client.provider.encrypt(b"k" * 32, "u").key_id == KEK_2
+
+
+def test_a_new_key_id_is_taken_only_once_a_round_trip_proves_it(servers: list[KeyServer], make_client: Any) -> None:
+    first, second, _ = servers
+    client = make_client([first.address, second.address])
+    client.provider.check()
+    for server in (first, second):
+        server.fake.key_id = KEK_2
+        server.fake.fail["Decrypt"] = (grpc.StatusCode.UNAVAILABLE, "backend_unavailable")
+    with pytest.raises(BackendUnavailable):
+        client.provider.check()
+    assert client.provider.key_id() == KEK_1
+    for server in (first, second):
+        del server.fake.fail["Decrypt"]
+    client.provider.check()
+    assert client.provider.key_id() == KEK_2
 
 
 def test_only_healthy_endpoints_vote(servers: list[KeyServer], make_client: Any) -> None:
@@ -615,6 +753,7 @@ def test_calls_look_at_the_files_too(
     monkeypatch.setattr(remote, "_FILES_EVERY", 0.0)
     server = servers[0]
     client = make_client([server.address])
+    client.provider.check()
     client.use("cp-2")
     server.fake.calls.clear()
     client.round_trip()

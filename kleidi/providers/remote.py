@@ -62,8 +62,9 @@ class _Endpoint:
         self.stub: Any = None
         self.healthy = False  # answered the last check healthy, with the agreed key_id, and no call failed since
         self.mismatched = False  # reports another key_id than the agreed one: never used until it agrees
-        # Reported the agreed key_id, and not another since: it votes on the key_id, and calls may use it.
-        self.trusted = False
+        # Reported the agreed key_id at some check since it was agreed: it votes on any change of the key_id, even
+        # after it disagreed or went silent, so a key server that changes KEK cannot shrink the electorate.
+        self.voter = False
         self.problem = "not checked yet"
         self._metrics = metrics
         self._calls: dict[tuple[str, grpc.StatusCode], Any] = {}
@@ -72,6 +73,11 @@ class _Endpoint:
         self.failovers = metrics.remote_failovers.labels(address)
         self.up.set(0)
         self.mismatch.set(0)
+
+    @property
+    def trusted(self) -> bool:
+        """Agreed with the key_id and has not reported another since: calls may use it."""
+        return self.voter and not self.mismatched
 
     def count(self, method: str, code: grpc.StatusCode) -> None:
         counter = self._calls.get((method, code))
@@ -86,10 +92,11 @@ class RemoteProvider:
     left to the caller's deadline. Blobs, key_id and annotations are the key server's, unchanged, so a cluster can
     move between local and remote mode without re-encrypting.
 
-    ``check`` asks every key server for its Status side by side. The key_id the most healthy key servers report
-    (on a tie, the earliest endpoint's; once one is agreed, only those that agreed with it vote) becomes
-    ``key_id()``; a key server reporting another is refused until it agrees, so the key_id the apiserver sees never
-    flips as calls land on different servers."""
+    ``check`` asks every key server for its Status side by side. The first key_id agreed is the one the most
+    healthy key servers report (on a tie, the earliest endpoint's); after that it moves only when a strict majority
+    of the key servers that agreed with it (answering or not) report the same new one, and a round trip proves it.
+    A key server reporting another key_id is refused until it agrees, so the key_id the apiserver sees never flips
+    because one key server changed KEK. Until a check has agreed on a key_id, Encrypt is refused."""
 
     name = "remote"
     inline_safe = False  # every call is a network round trip
@@ -180,6 +187,10 @@ class RemoteProvider:
 
     def _call(self, method: str, request: Any, deadline: float | None) -> Any:
         """One call, failed over across the endpoints in the current order within the caller's deadline."""
+        if method == "Encrypt" and not self._key_id:
+            # Any key server's answer would do, and the first to answer would set the key_id the apiserver sees.
+            # UNAVAILABLE makes the server run a check at once.
+            raise BackendUnavailable("no key_id agreed with the key servers yet: " + self._problems())
         self._look_at_files(force=False)
         order = self._order
         if not order:
@@ -217,8 +228,9 @@ class RemoteProvider:
     def _disagreement(self, key_id: str) -> str:
         """Why an Encrypt answer cannot be used: its key_id is not the one Status reports (a key server rotated
         since the last check). When no endpoint answers with the agreed one, the call is UNAVAILABLE, on which the
-        server runs the health check at once: it publishes the new key_id as soon as the key servers agree."""
-        if self._key_id and key_id != self._key_id:
+        server runs the health check at once: it moves to the new key_id once a strict majority of the key servers
+        that agreed on the old one report it."""
+        if key_id != self._key_id:
             agreed = key_id_hash(self._key_id)
             return f"answered Encrypt with key_id {key_id_hash(key_id)}, not the agreed {agreed} (hashes)"
         return ""
@@ -234,11 +246,13 @@ class RemoteProvider:
         log.warning("key server failed a call; trying it last until the next check", extra=self._about(endpoint))
 
     def _ordered(self) -> tuple[_Endpoint, ...]:
-        """Healthy endpoints first, then the others that may be used: once some endpoint agreed on the key_id,
-        only those that did (an endpoint whose KEK is unknown could answer a Decrypt with a final error that
-        another would not give); before that, every endpoint not known to disagree."""
-        anyone_trusted = any(e.trusted for e in self._endpoints)
-        usable = [e for e in self._endpoints if e.trusted or not (anyone_trusted or e.mismatched)]
+        """Healthy endpoints first, then the others that may be used: once a key_id is agreed, only those that
+        agree with it (one whose KEK is unknown or another could answer under another key_id); before that (a
+        Decrypt names its key), every endpoint not known to disagree."""
+        if self._key_id:
+            usable = [e for e in self._endpoints if e.trusted]
+        else:
+            usable = [e for e in self._endpoints if not e.mismatched]
         return tuple([e for e in usable if e.healthy] + [e for e in usable if not e.healthy])
 
     # --- health ----------------------------------------------------------------------------------------------
@@ -260,24 +274,28 @@ class RemoteProvider:
         return self._vote(found), found
 
     def _vote(self, found: dict[_Endpoint, Any]) -> str:
-        """The key_id the most healthy voters report; on a tie, the earliest endpoint's. While some endpoint
-        agrees with the current key_id, only those that do vote: one that never agreed (or disagreed since) cannot
-        take over when the others are away, which would flip the key_id the apiserver sees and strand what it
-        wrote meanwhile. A rotation still goes through, since it shows on the endpoints that agreed before."""
-        anyone_trusted = any(e.trusted for e in self._endpoints)
-        votes: Counter[str] = Counter()
-        first: dict[str, int] = {}
-        for index, endpoint in enumerate(self._endpoints):
+        """The key_id to check against. Only healthy answers with a key_id count (an empty one is a key server
+        still starting). Before any key_id is agreed: the one the most endpoints report, on a tie the earliest
+        endpoint's. After: the agreed one, unless a strict majority of its voters (answering or not) report the
+        same new one, which is a rotation. So neither a tie, nor a sole survivor, nor an endpoint that never agreed
+        flips the key_id the apiserver sees, which would strand what it wrote meanwhile."""
+        reported: dict[_Endpoint, str] = {}
+        for endpoint in self._endpoints:  # in configured order, for the tie below
             answer = found[endpoint]
-            if isinstance(answer, str) or answer.healthz != "ok" or not answer.key_id:
-                continue
-            if anyone_trusted and not endpoint.trusted:
-                continue
-            votes[answer.key_id] += 1
-            first.setdefault(answer.key_id, index)
-        if not votes:
-            return self._key_id  # nobody to agree with: keep the last agreed key_id
-        return max(votes, key=lambda k: (votes[k], -first[k]))
+            if not isinstance(answer, str) and answer.healthz == "ok" and answer.key_id:
+                reported[endpoint] = answer.key_id
+        if not self._key_id:
+            votes = Counter(reported.values())
+            if not votes:
+                return ""
+            first = list(dict.fromkeys(reported.values()))
+            return max(votes, key=lambda k: (votes[k], -first.index(k)))
+        voters = [e for e in self._endpoints if e.voter]
+        votes = Counter(reported[e] for e in voters if e in reported)
+        for key_id, count in votes.items():
+            if key_id != self._key_id and 2 * count > len(voters):
+                return key_id
+        return self._key_id
 
     def _round_trip(self, reference: str, found: dict[_Endpoint, Any]) -> None:
         """One Encrypt+Decrypt through the first good endpoint (the next one if it fails); an endpoint failing it
@@ -311,21 +329,36 @@ class RemoteProvider:
             return
 
     def _publish(self, reference: str, found: dict[_Endpoint, Any]) -> None:
+        """Settle every endpoint against the agreed key_id: ``reference`` when an endpoint reporting it came through
+        the round trip (a new key_id is never taken on Status alone), else the one agreed before."""
+        proven = bool(reference) and any(
+            not isinstance(a, str) and a.healthz == "ok" and a.key_id == reference for a in found.values()
+        )
+        agreed = reference if proven else self._key_id
         with self._state_lock:
+            if agreed != self._key_id:
+                if self._key_id:
+                    log.info(
+                        "key_id moved: a majority of the key servers that agreed on it report a new one",
+                        extra={"key_id_hash": key_id_hash(agreed), "previous_key_id_hash": key_id_hash(self._key_id)},
+                    )
+                # A new electorate: those that report the new key_id. The others' KEK is unknown until they answer.
+                for endpoint in self._endpoints:
+                    endpoint.voter = endpoint.mismatched = False
             for endpoint in self._endpoints:
-                self._settle(endpoint, reference, found[endpoint])
-            self._key_id = reference
+                self._settle(endpoint, agreed, found[endpoint])
+            self._key_id = agreed
             self._order = self._ordered()
 
-    def _settle(self, endpoint: _Endpoint, reference: str, answer: Any) -> None:
+    def _settle(self, endpoint: _Endpoint, agreed: str, answer: Any) -> None:
         was_healthy, was_problem = endpoint.healthy, endpoint.problem
         if isinstance(answer, str):
             # Silent: whether it still serves another KEK is unknown, so a mismatch stays until it agrees.
             endpoint.healthy, endpoint.problem = False, answer
-        elif answer.key_id and reference and answer.key_id != reference:
-            endpoint.healthy, endpoint.mismatched, endpoint.trusted = False, True, False
+        elif answer.key_id and agreed and answer.key_id != agreed:
+            endpoint.healthy, endpoint.mismatched = False, True
             endpoint.problem = (
-                f"reports key_id {key_id_hash(answer.key_id)}, the others {key_id_hash(reference)} (hashes):"
+                f"reports key_id {key_id_hash(answer.key_id)}, the others {key_id_hash(agreed)} (hashes):"
                 " it serves another KEK and is not used"
             )
             # Every check, not only on change: a key server with the wrong KEK needs an operator.
@@ -334,17 +367,19 @@ class RemoteProvider:
                 extra={
                     "endpoint": endpoint.address,
                     "key_id_hash": key_id_hash(answer.key_id),
-                    "agreed_key_id_hash": key_id_hash(reference),
+                    "agreed_key_id_hash": key_id_hash(agreed),
                 },
             )
         else:
-            # An empty key_id (a key server still starting), or one while nothing is agreed yet, says nothing.
-            if answer.key_id and answer.key_id == reference:
-                endpoint.mismatched, endpoint.trusted = False, True
+            if answer.key_id and answer.key_id == agreed:
+                endpoint.mismatched, endpoint.voter = False, True
             if answer.healthz != "ok":
                 endpoint.healthy, endpoint.problem = False, f"reports unhealthy: {answer.healthz[:_MAX_DETAILS]}"
             elif not answer.key_id:
+                # A key server still starting says nothing about its KEK.
                 endpoint.healthy, endpoint.problem = False, "reports no key_id"
+            elif not agreed:
+                endpoint.healthy, endpoint.problem = False, "no key_id agreed yet (no key server passed the round trip)"
             else:
                 endpoint.healthy, endpoint.problem = True, ""
         endpoint.up.set(1 if endpoint.healthy else 0)
