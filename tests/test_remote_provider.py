@@ -303,7 +303,6 @@ def test_a_call_whose_deadline_has_passed_is_not_sent(servers: list[KeyServer], 
     [
         (grpc.StatusCode.INVALID_ARGUMENT, "invalid_input", InvalidInput),
         (grpc.StatusCode.INVALID_ARGUMENT, "integrity", IntegrityError),
-        (grpc.StatusCode.NOT_FOUND, "key_not_found", KeyNotFound),
         (grpc.StatusCode.FAILED_PRECONDITION, "config", ConfigError),
     ],
 )
@@ -320,6 +319,44 @@ def test_answers_every_key_server_would_give_are_not_failed_over(
     assert first.address in str(raised.value) and f"fake {kind} in Decrypt" in str(raised.value)
     assert second.fake.called("Decrypt") == 0
     assert client.sample("kleidi_backend_errors_total", provider="remote", operation="decrypt", kind=kind) == 1
+
+
+def test_a_key_server_that_does_not_know_the_key_is_passed_over_for_decrypt(
+    servers: list[KeyServer], make_client: Any
+) -> None:
+    """NOT_FOUND from one key server: another may still hold the key (this one's KEK changed since the check), so
+    the Decrypt moves on, and the odd one goes to the back of the line until the next check."""
+    first, second, _ = servers
+    client = make_client([first.address, second.address])
+    checked(client, servers)
+    wrapped = client.provider.encrypt(b"k" * 32, "u")
+    first.fake.fail["Decrypt"] = (grpc.StatusCode.NOT_FOUND, "key_not_found")
+    for _ in range(2):
+        assert client.provider.decrypt(wrapped.ciphertext, wrapped.key_id, wrapped.annotations, "u") == b"k" * 32
+    assert (first.fake.called("Decrypt"), second.fake.called("Decrypt")) == (1, 2)
+    assert client.sample("kleidi_remote_failovers_total", endpoint=first.address) == 1
+    assert client.sample("kleidi_remote_calls_total", endpoint=first.address, method="Decrypt", code="NOT_FOUND") == 1
+    del first.fake.fail["Decrypt"]
+    checked(client, servers)
+    client.provider.decrypt(wrapped.ciphertext, wrapped.key_id, wrapped.annotations, "u")
+    assert (first.fake.called("Decrypt"), second.fake.called("Decrypt")) == (1, 0)
+
+
+def test_a_key_no_key_server_knows_is_not_found(servers: list[KeyServer], make_client: Any) -> None:
+    first, second, _ = servers
+    client = make_client([first.address, second.address])
+    checked(client, servers)
+    for server in (first, second):
+        server.fake.fail["Decrypt"] = (grpc.StatusCode.NOT_FOUND, "key_not_found")
+    with pytest.raises(KeyNotFound) as raised:
+        client.provider.decrypt(f"wrapped:{KEK_1}:x".encode(), "kek-gone:v1", {}, "u")
+    assert raised.value.code == grpc.StatusCode.NOT_FOUND
+    assert first.address in str(raised.value) and second.address in str(raised.value)
+    # one that did not answer might hold it: not a final answer then
+    second.stop()
+    with pytest.raises(BackendUnavailable) as unavailable:
+        client.provider.decrypt(f"wrapped:{KEK_1}:x".encode(), "kek-gone:v1", {}, "u")
+    assert "NOT_FOUND" in str(unavailable.value) and "UNAVAILABLE" in str(unavailable.value)
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,8 @@ from kleidi.providers.base import DEADLINE_MARGIN, Wrapped
 log = logging.getLogger("kleidi.remote")
 
 # Answers every key server would give alike (they serve the same KEK): passed to the caller at once, never failed
-# over. Anything else (no answer, TLS refused, a key server whose backend is down) is tried on the next endpoint.
+# over. Anything else (no answer, TLS refused, a key server whose backend is down) is tried on the next endpoint;
+# so is a NOT_FOUND on Decrypt (see _call).
 _FINAL = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION})
 # The trailing metadata key in which a key server names the error's kind (KleidiError.kind).
 ERROR_KIND = "kleidi-error-kind"
@@ -197,6 +198,7 @@ class RemoteProvider:
             raise BackendUnavailable("no key server may be used: " + self._problems())
         end = deadline if deadline is not None else time.monotonic() + self._config.timeout * len(order)
         problems: list[str] = []
+        not_found: list[_Endpoint] = []
         for index, endpoint in enumerate(order):
             left = end - time.monotonic() - DEADLINE_MARGIN
             if left <= 0:
@@ -211,19 +213,35 @@ class RemoteProvider:
             except grpc.RpcError as exc:
                 code = exc.code()
                 endpoint.count(method, code)
+                reason = _reason(exc)
+                if code == grpc.StatusCode.NOT_FOUND and method == "Decrypt":
+                    # Unlike tampering, an unknown key may be this key server's alone (its KEK changed since the
+                    # check): another may still hold it. Demoted below, unless every key server says the same.
+                    not_found.append(endpoint)
+                    problems.append(f"{endpoint.address}: {reason}")
+                    if index + 1 < len(order):
+                        endpoint.failovers.inc()
+                    continue
                 if code in _FINAL:
                     raise _final_error(endpoint.address, method, exc) from None
-                reason = _reason(exc)
             else:
                 endpoint.count(method, grpc.StatusCode.OK)
                 reason = self._disagreement(answer.key_id) if method == "Encrypt" else ""
                 if not reason:
+                    self._demote_not_found(not_found)
                     return answer
             problems.append(f"{endpoint.address}: {reason}")
             self._demote(endpoint, reason)
             if index + 1 < len(order):
                 endpoint.failovers.inc()
+        if not_found and len(not_found) == len(problems):
+            raise KeyNotFound(f"no key server knows the key of this {method}: " + "; ".join(problems))
+        self._demote_not_found(not_found)
         raise BackendUnavailable(f"no key server answered {method}: " + "; ".join(problems))
+
+    def _demote_not_found(self, endpoints: list[_Endpoint]) -> None:
+        for endpoint in endpoints:
+            self._demote(endpoint, "answered NOT_FOUND for a key that another key server holds or may hold")
 
     def _disagreement(self, key_id: str) -> str:
         """Why an Encrypt answer cannot be used: its key_id is not the one Status reports (a key server rotated
