@@ -299,11 +299,18 @@ class Config(_Section):
         if self.provider == "remote" and self.serve_remote is not None:
             raise ValueError("serve_remote needs a local provider (pkcs11 or vault): a key server does not forward")
         # A check may legitimately take as long as the backend's own timeout; only beyond that is it hung.
+        if self.remote is not None and self.provider == "remote":
+            # One remote.timeout for the key servers' Status (asked side by side), two for the Encrypt+Decrypt
+            # round trip after it.
+            if self.health_timeout <= 3 * self.remote.timeout:
+                raise ValueError(
+                    f"health_timeout ({self.health_timeout:g}s) must be longer than 3 x remote.timeout"
+                    f" ({self.remote.timeout:g}s): a check asks the key servers' Status (up to remote.timeout), then"
+                    " makes one Encrypt+Decrypt round trip (up to 2 x remote.timeout), or healthy checks look hung"
+                )
+            return self
         if self.vault is not None and self.provider == "vault":
             longest, name = self.vault.timeout, "vault.timeout"
-        elif self.remote is not None and self.provider == "remote":
-            # The key servers are asked side by side, each for at most remote.timeout.
-            longest, name = self.remote.timeout, "remote.timeout"
         else:
             assert self.pkcs11 is not None
             longest, name = self.pkcs11.check_timeout, "pkcs11.session_timeout"

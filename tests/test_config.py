@@ -90,6 +90,14 @@ SERVE = {"listen": "0.0.0.0:8443", "ca_cert": "ca.pem", "cert": "s.pem", "key": 
         ),
         ({"provider": "vault"}, "the vault section is missing"),
         ({"health_timeout": "1s"}, "config: health_timeout must be longer than pkcs11.session_timeout (2s)"),
+        (
+            {**REMOTE, "health_timeout": "3s"},
+            "config: health_timeout (3s) must be longer than 3 x remote.timeout (1s)",
+        ),
+        (
+            {**REMOTE, "remote": {**REMOTE["remote"], "timeout": "4s"}},
+            "config: health_timeout (10s) must be longer than 3 x remote.timeout (4s)",
+        ),
     ],
 )
 def test_errors_name_the_field(tmp_path: Path, change: dict[str, object], message: str) -> None:
@@ -172,7 +180,10 @@ def test_plain_http_to_vault_only_to_loopback_or_when_allowed(address: str, allo
 def test_remote_and_serve_remote_sections(tmp_path: Path) -> None:
     cfg = load(_write(tmp_path, {**_base(), **REMOTE, "remote": {**REMOTE["remote"], "endpoints": ["[::1]:8443"]}}))
     assert cfg.remote is not None and cfg.remote.timeout == 1.0 and cfg.remote.endpoints == ["[::1]:8443"]
-    assert cfg.health_timeout > cfg.remote.timeout
+    # the chart's defaults (health_timeout 10s, remote.timeout 1s) pass, and so does the bound just above 3 x
+    assert cfg.health_timeout == 10.0 and cfg.remote.timeout == 1.0
+    cfg = load(_write(tmp_path, {**_base(), **REMOTE, "health_timeout": "3100ms"}))
+    assert cfg.health_timeout == 3.1
     cfg = load(_write(tmp_path, {**_base(), "serve_remote": {**SERVE, "listen": "[::]:8443"}}))
     assert cfg.serve_remote is not None and cfg.serve_remote.address == ("::", 8443)
     assert cfg.serve_remote.allowed_client_names == []
