@@ -99,14 +99,18 @@ class KeyServer:
         self.address = f"127.0.0.1:{self.port}"
         self._server: Any = None
 
-    def start(self) -> KeyServer:
-        cert, key = pki.leaf_files(self.certs, "server", "keyserver")
+    def start(self, server_certs: Path | None = None) -> KeyServer:
+        """``server_certs``: where the server certificate comes from (another CA's directory), when not the
+        directory whose CA the client certificates chain to."""
+        cert, key = pki.leaf_files(server_certs or self.certs, "server", "keyserver")
         credentials = grpc.ssl_server_credentials(
             [(key.read_bytes(), cert.read_bytes())],
             root_certificates=(self.certs / pki.CA_CERT).read_bytes(),
             require_client_auth=True,
         )
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        # No SO_REUSEPORT (gRPC's default): a port another process listens on must fail here, not be shared with it
+        # so that the kernel hands some of the client's connections to a server with other certificates.
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=[("grpc.so_reuseport", 0)])
         remote_v1_pb2_grpc.add_KeyServerServicer_to_server(self.fake, self._server)
         self._server.add_secure_port(self.address, credentials)
         self._server.start()
@@ -153,7 +157,8 @@ class Client:
         self.certs = certs
         self.cert, self.key = workdir / "client.pem", workdir / "client-key.pem"
         self.use("cp-1")
-        self.ca = certs / pki.CA_CERT
+        self.ca = workdir / "ca.pem"
+        self.set_ca((certs / pki.CA_CERT).read_bytes())
         self.metrics = Metrics()
         self.config = RemoteConfig.model_validate(
             {
@@ -174,6 +179,11 @@ class Client:
                 aside = target.with_suffix(".new")
                 aside.write_bytes(source.read_bytes())
                 os.replace(aside, target)
+
+    def set_ca(self, pem: bytes) -> None:
+        aside = self.ca.with_suffix(".new")
+        aside.write_bytes(pem)
+        os.replace(aside, self.ca)
 
     def sample(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
@@ -758,6 +768,40 @@ def test_a_rotated_client_certificate_is_used_without_restart(servers: list[KeyS
     server.fake.calls.clear()
     client.round_trip()
     assert {name for _, name in server.fake.calls} == {"cp-2"}
+
+
+def test_a_changed_ca_file_is_used_without_restart(servers: list[KeyServer], make_client: Any, tmp_path: Path) -> None:
+    """A CA rotation: the client trusts a bundle of the old and the new CA, the key server moves to a certificate
+    from the new CA, then the client trusts the new CA alone. Calls keep working, and the plugin is not restarted."""
+    server = servers[0]
+    new_ca = tmp_path / "new-ca"
+    pki.init(new_ca, [pki.Request("server", "keyserver", ("127.0.0.1",))], days=1, ca_days=1)
+    client = make_client([server.address])
+    client.provider.check()
+    old_pem, new_pem = client.ca.read_bytes(), (new_ca / pki.CA_CERT).read_bytes()
+    client.set_ca(old_pem + new_pem)
+    client.provider.check()
+    assert client.sample("kleidi_tls_reloads_total", side="client", result="ok") == 1
+    server.stop()
+    server.start(server_certs=new_ca)
+    wait_for(lambda: _checks_ok(client), 5, "the key server with the new CA's certificate usable")
+    assert client.round_trip() == b"k" * 32
+    client.set_ca(new_pem)
+    client.provider.check()
+    assert client.sample("kleidi_tls_reloads_total", side="client", result="ok") == 2
+    assert client.round_trip() == b"k" * 32
+    # proof the new CA alone is in use: a key server back on the old CA's certificate is refused at the handshake
+    server.stop()
+    server.start()
+    wait_for(lambda: "handshake failed" in _check_error(client).lower(), 5, "the old certificate refused")
+
+
+def _check_error(client: Client) -> str:
+    try:
+        client.provider.check()
+    except KleidiError as exc:
+        return str(exc)
+    return ""
 
 
 def test_a_half_done_rotation_keeps_the_certificate_in_use(
