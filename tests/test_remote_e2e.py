@@ -220,18 +220,26 @@ def test_failover_when_the_first_key_server_is_killed(cluster: Cluster) -> None:
 
 def test_key_servers_killed_and_restarted_under_load(cluster: Cluster) -> None:
     """Every answer is right or UNAVAILABLE/DEADLINE_EXCEEDED, never a wrong plaintext; /healthz goes non-ok
-    within one health interval when no key server answers (the one with another KEK does not count), and the
-    plugin recovers by itself when one comes back."""
+    within one health interval when no key server answers (the one with another KEK does not count: it is the
+    sole survivor, and it takes over neither the calls nor the key_id), and the plugin recovers by itself when one
+    comes back. Every Encrypt answer and every Status carries the one agreed key_id throughout."""
     outcomes: Counter[str] = Counter()
     wrong: list[str] = []
+    encrypted_under: Counter[str] = Counter()
+    status_key_ids: Counter[str] = Counter()
     stop = threading.Event()
+    with cluster.client.client() as remote:
+        agreed = remote.status().key_id
+    assert agreed
 
     def load() -> None:
         with cluster.client.client(timeout=3.0) as remote:
             while not stop.is_set():
                 seed = os.urandom(32)
                 try:
+                    status_key_ids[remote.status().key_id] += 1
                     wrapped = remote.encrypt(seed)
+                    encrypted_under[wrapped.key_id] += 1
                     if remote.decrypt(wrapped.ciphertext, wrapped.key_id, wrapped.annotations) != seed:
                         wrong.append("different plaintext")
                     outcomes["OK"] += 1
@@ -264,6 +272,8 @@ def test_key_servers_killed_and_restarted_under_load(cluster: Cluster) -> None:
         if cluster.ks2.proc is None:
             cluster.ks2.start()
     assert not wrong
+    assert set(encrypted_under) == {agreed}, encrypted_under
+    assert set(status_key_ids) == {agreed}, status_key_ids
     assert set(outcomes) <= {"OK", "UNAVAILABLE", "DEADLINE_EXCEEDED"}, outcomes
     assert outcomes["UNAVAILABLE"] + outcomes["DEADLINE_EXCEEDED"] > 0
     wait_for(
