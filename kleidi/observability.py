@@ -131,7 +131,8 @@ class Metrics:
         self.remote_connections = Counter(
             "kleidi_remote_connections_total",
             "Connections from proxy-mode clients by result: accepted, or the reason they were refused "
-            "(handshake: no or untrusted certificate, or not TLS; not_allowed: not on allowed_client_names)",
+            "(handshake: no or untrusted certificate, not TLS, or no handshake in time; not_allowed: not on "
+            "allowed_client_names; over_limit: too many handshakes in progress or connections open)",
             ["result"],
             registry=r,
         )

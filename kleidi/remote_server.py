@@ -21,7 +21,7 @@ from typing import Any, cast
 
 import grpc
 
-from kleidi import __version__
+from kleidi import __version__, remote_guard
 from kleidi.api import remote_v1_pb2, remote_v1_pb2_grpc
 from kleidi.config import ServeRemoteConfig
 from kleidi.errors import ConfigError
@@ -33,7 +33,8 @@ from kleidi.rpc import Call, check_decrypt_request, check_plaintext, check_wrapp
 
 log = logging.getLogger("kleidi.remote")
 
-HANDSHAKE_TIMEOUT = 10.0
+# A client on the network finishes its handshake in milliseconds; one that has not after this is closed.
+HANDSHAKE_TIMEOUT = 5.0
 # The longest unix socket path the kernel takes (sun_path, less the terminating NUL).
 _MAX_SOCKET_PATH = 107
 
@@ -167,6 +168,12 @@ class _Accept(asyncio.Protocol):
         self._front.spawn(transport)
 
 
+def _host(peername: Any) -> str:
+    if isinstance(peername, tuple) and peername:
+        return str(peername[0])
+    return str(peername)
+
+
 def _address(peername: Any) -> str:
     if isinstance(peername, tuple) and len(peername) >= 2:
         host, port = peername[0], peername[1]
@@ -197,7 +204,7 @@ def peer_names(cert: Mapping[str, Any]) -> tuple[str, list[str]]:
 
 def handshake_reason(exc: BaseException) -> str:
     """Why a handshake failed, as an operator reads it, with OpenSSL's own word for it."""
-    if isinstance(exc, TimeoutError):
+    if isinstance(exc, TimeoutError | ConnectionAbortedError):  # asyncio's handshake timeout is the second
         return f"no TLS handshake within {HANDSHAKE_TIMEOUT:.0f}s"
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"client certificate not trusted: {exc.verify_message}"
@@ -229,6 +236,14 @@ class RemoteFront:
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._open: set[tuple[_Pipe, _Pipe]] = set()
+        # Counted on the loop's thread only. _connections are past the handshake, from the allow-list check on.
+        self._handshakes = 0
+        self._handshakes_from: dict[str, int] = {}
+        self._connections = 0
+        self._max_handshakes = remote_guard.MAX_HANDSHAKES
+        self._max_handshakes_per_host = remote_guard.MAX_HANDSHAKES_PER_HOST
+        self._max_connections = remote_guard.connection_limit(remote_guard.MAX_CONNECTIONS)
+        self._refusals = remote_guard.RefusalLog(self._loop, remote_guard.REFUSAL_LOG_WINDOW)
 
     def make_socket_dir(self, near: str) -> str:
         """A private directory (0700) for the internal socket, in ``near`` (the KMS socket's directory, which is
@@ -253,6 +268,11 @@ class RemoteFront:
     def start(self) -> None:
         """Listen on serve_remote.listen; a port that cannot be bound is a ConfigError."""
         self._thread.start()
+        if self._max_connections < remote_guard.MAX_CONNECTIONS:
+            log.info(
+                "serve_remote holds fewer connections than it could: the open-file limit (RLIMIT_NOFILE) is low",
+                extra={"max_connections": self._max_connections},
+            )
         host, port = self._cfg.address
         try:
             asyncio.run_coroutine_threadsafe(self._listen(host, port), self._loop).result(30)
@@ -264,11 +284,42 @@ class RemoteFront:
         self._server = await self._loop.create_server(lambda: _Accept(self), host, port, reuse_address=True)
 
     def spawn(self, raw: asyncio.Transport) -> None:
-        task = self._loop.create_task(self._handle(raw))
+        peername = raw.get_extra_info("peername")
+        host = _host(peername)
+        over = self._over_limit(host)
+        if over:  # closed before any TLS work: a flood costs an accept, a close and a count
+            raw.abort()
+            self._refuse(host, "over_limit", {"peer": _address(peername), "reason": over})
+            return
+        self._handshakes += 1
+        self._handshakes_from[host] = self._handshakes_from.get(host, 0) + 1
+        task = self._loop.create_task(self._handle(raw, host))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _handle(self, raw: asyncio.Transport) -> None:
+    def _over_limit(self, host: str) -> str:
+        """Why a new connection from ``host`` is not taken now, or "" when it is."""
+        if self._connections >= self._max_connections:
+            return f"{self._connections} connections open, the most serve_remote holds"
+        if self._handshakes >= self._max_handshakes:
+            return f"{self._handshakes} TLS handshakes in progress, the most serve_remote holds"
+        if self._handshakes_from.get(host, 0) >= self._max_handshakes_per_host:
+            return f"{self._max_handshakes_per_host} TLS handshakes in progress from this address, the most from one"
+        return ""
+
+    def _handshake_ended(self, host: str) -> None:
+        self._handshakes -= 1
+        left = self._handshakes_from[host] - 1
+        if left:
+            self._handshakes_from[host] = left
+        else:
+            del self._handshakes_from[host]
+
+    def _refuse(self, host: str, result: str, extra: dict[str, Any]) -> None:
+        self._metrics.remote_connections.labels(result).inc()
+        self._refusals.refused(host, result, extra)
+
+    async def _handle(self, raw: asyncio.Transport, host: str) -> None:
         peer = _address(raw.get_extra_info("peername"))
         outer = _Pipe(self._loop)
         try:
@@ -277,9 +328,10 @@ class RemoteFront:
             )
         except (OSError, TimeoutError, EOFError) as exc:  # ssl.SSLError is an OSError
             raw.abort()
-            self._metrics.remote_connections.labels("handshake").inc()
-            log.warning("remote connection refused", extra={"peer": peer, "reason": handshake_reason(exc)})
+            self._refuse(host, "handshake", {"peer": peer, "reason": handshake_reason(exc)})
             return
+        finally:
+            self._handshake_ended(host)
         if tls is None:  # the peer went away as the handshake ended
             return
         outer.transport = tls
@@ -287,11 +339,20 @@ class RemoteFront:
         identity = {"peer": peer, "subject_cn": common_name, "names": names}
         if self._allowed and self._allowed.isdisjoint(names):
             tls.abort()
-            self._metrics.remote_connections.labels("not_allowed").inc()
-            log.warning(
-                "remote connection refused", extra={**identity, "reason": "not on serve_remote.allowed_client_names"}
-            )
+            self._refuse(host, "not_allowed", {**identity, "reason": "not on serve_remote.allowed_client_names"})
             return
+        if self._connections >= self._max_connections:  # filled up while this one was in its handshake
+            tls.abort()
+            reason = f"{self._connections} connections open, the most serve_remote holds"
+            self._refuse(host, "over_limit", {**identity, "reason": reason})
+            return
+        self._connections += 1
+        try:
+            await self._splice(tls, outer, identity)
+        finally:
+            self._connections -= 1
+
+    async def _splice(self, tls: asyncio.Transport, outer: _Pipe, identity: dict[str, Any]) -> None:
         tls.pause_reading()  # until the other side is there
         try:
             _, inner = await self._loop.create_unix_connection(lambda: _Pipe(self._loop), self.socket_path)
@@ -344,3 +405,4 @@ class RemoteFront:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._refusals.flush()

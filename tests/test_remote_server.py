@@ -1,14 +1,22 @@
 """The key server (serve_remote) as a real `kleidi serve` process on a SoftHSM2 token, talked to over mutual TLS by a
-Python gRPC client speaking kleidi.remote.v1 with certificates from kleidi pki: answers, refusals, rotation."""
+Python gRPC client speaking kleidi.remote.v1 with certificates from kleidi pki: answers, refusals, limits, rotation.
+A few run the server in-process, with its connection age or limits shortened.
+
+The key server writes one refusal line per peer address per window: each test that is refused connects from an
+address of its own in 127.0.0.0/8 (_source()), so its first refusal is always written in full."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import re
+import select
 import shutil
 import socket
 import ssl
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +26,10 @@ import grpc
 import pytest
 from cryptography import x509
 
-from kleidi import __version__, pki
+from kleidi import __version__, pki, remote_guard, remote_server
 from kleidi.api import remote_v1_pb2, remote_v1_pb2_grpc
+from kleidi.config import validate
+from kleidi.server import KleidiServer
 from tests.backends.softhsm import SoftHsm
 from tests.conftest import pkcs11_config
 from tests.plugin import KleidiProcess, free_port, wait_for
@@ -27,14 +37,29 @@ from tests.plugin import KleidiProcess, free_port, wait_for
 pytestmark = pytest.mark.integration
 
 SEED = bytes(range(32))
+_sources = (f"127.0.0.{n}" for n in itertools.count(10))
+
+
+def _source() -> str:
+    """A loopback address no other test of this module connects from."""
+    return next(_sources)
 
 
 @dataclass
-class KeyServer:
-    proc: KleidiProcess
+class Served:
     port: int
     pki: Path  # ca.pem, server-ks-1*, client-cp-1* (allowed), client-cp-2* (not allowed)
     stranger: Path  # another CA, with its own client-cp-1*
+
+
+@dataclass
+class KeyServer(Served):
+    proc: KleidiProcess
+
+
+@dataclass
+class InProcess(Served):
+    server: KleidiServer
 
 
 def _pki(root: Path) -> tuple[Path, Path]:
@@ -62,7 +87,7 @@ def _key_server(root: Path, hsm: SoftHsm) -> KeyServer:
     ours, stranger = _pki(root)
     port = free_port()
     config = {**pkcs11_config(hsm), "serve_remote": _serve_remote(ours, port)}
-    return KeyServer(KleidiProcess(root / "kleidi", config, env=hsm.env), port, ours, stranger)
+    return KeyServer(port, ours, stranger, KleidiProcess(root / "kleidi", config, env=hsm.env))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +99,7 @@ def keyserver(tmp_path_factory: pytest.TempPathFactory, shared_hsm: SoftHsm) -> 
         yield server
 
 
-def _channel(server: KeyServer, certs: Path | None = None, client: str | None = "cp-1") -> grpc.Channel:
+def _channel(server: Served, certs: Path | None = None, client: str | None = "cp-1") -> grpc.Channel:
     """A channel that trusts the key server's CA, with ``client``'s certificate from ``certs`` (default: ours)."""
     certs = certs or server.pki
     if client is None:
@@ -85,7 +110,8 @@ def _channel(server: KeyServer, certs: Path | None = None, client: str | None = 
             (certs / f"client-{client}-key.pem").read_bytes(),
             (certs / f"client-{client}.pem").read_bytes(),
         )
-    return grpc.secure_channel(f"127.0.0.1:{server.port}", credentials)
+    # A connection of its own, never one another channel of the test process has open already.
+    return grpc.secure_channel(f"127.0.0.1:{server.port}", credentials, [("grpc.use_local_subchannel_pool", 1)])
 
 
 def _stub(channel: grpc.Channel) -> Any:
@@ -100,8 +126,62 @@ def _metric(proc: KleidiProcess, sample: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def _refusals(proc: KleidiProcess) -> list[dict[str, Any]]:
-    return [r for r in proc.log_records() if r["msg"] == "remote connection refused"]
+def _refusals(proc: KleidiProcess, source: str | None = None) -> list[dict[str, Any]]:
+    """The refusal lines written in full, of connections from ``source`` when given."""
+    return [
+        r
+        for r in proc.log_records()
+        if r["msg"] == "remote connection refused" and (source is None or r["peer"].startswith(f"{source}:"))
+    ]
+
+
+def _summaries(proc: KleidiProcess, source: str) -> list[dict[str, Any]]:
+    """The lines that count the refusals from ``source`` that were not written one by one."""
+    return [
+        r
+        for r in proc.log_records()
+        if r["msg"] == "remote connections refused, not logged one by one" and r["peer_host"] == source
+    ]
+
+
+def _client_context(server: Served, certs: Path | None = None, client: str | None = "cp-1") -> ssl.SSLContext:
+    """What a proxy-mode plugin's TLS does: trust the key server's CA, show ``client``'s certificate from
+    ``certs`` (default: ours), ask for h2."""
+    context = ssl.create_default_context(cafile=server.pki / "ca.pem")
+    if client is not None:
+        certs = certs or server.pki
+        context.load_cert_chain(certs / f"client-{client}.pem", certs / f"client-{client}-key.pem")
+    context.set_alpn_protocols(["h2"])
+    return context
+
+
+def _connect(port: int, source: str = "127.0.0.1") -> socket.socket:
+    return socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+
+
+def _attempt(port: int, source: str, context: ssl.SSLContext | None, plaintext: bytes = b"") -> bytes:
+    """One connection from ``source``: a TLS handshake with ``context`` (or ``plaintext`` sent in clear), then one
+    read. Returns what was read: an accepted connection reads the gRPC server's first frame (a zero byte first), a
+    refused one nothing (closed, reset, or the handshake failed)."""
+    with _connect(port, source) as raw:
+        try:
+            if context is None:
+                raw.sendall(plaintext)
+                return raw.recv(1)
+            with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                return tls.recv(1)
+        except (ssl.SSLError, OSError):
+            return b""
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the other end closed ``sock`` (nothing is ever sent on it), without waiting."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(1) == b""
+    except OSError:
+        return True
 
 
 def test_round_trip_passes_the_providers_answers_through_unchanged(keyserver: KeyServer) -> None:
@@ -168,20 +248,17 @@ def test_refused_connections_are_logged_with_the_peer_and_counted(
 ) -> None:
     proc = keyserver.proc
     counted = _metric(proc, f'kleidi_remote_connections_total{{result="{result}"}}')
-    logged = len(_refusals(proc))
-    channel = {
-        "no client certificate": lambda: _channel(keyserver, client=None),
-        "a certificate from another CA": lambda: _channel(keyserver, keyserver.stranger),
-        "a client not on allowed_client_names": lambda: _channel(keyserver, client="cp-2"),
-        "plaintext gRPC": lambda: grpc.insecure_channel(f"127.0.0.1:{keyserver.port}"),
+    source = _source()
+    context = {
+        "no client certificate": lambda: _client_context(keyserver, client=None),
+        "a certificate from another CA": lambda: _client_context(keyserver, keyserver.stranger),
+        "a client not on allowed_client_names": lambda: _client_context(keyserver, client="cp-2"),
+        "plaintext gRPC": lambda: None,
     }[case]()
-    with channel:
-        with pytest.raises(grpc.RpcError) as info:
-            _stub(channel).Status(remote_v1_pb2.StatusRequest(), timeout=3)
-        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    refusal = wait_for(lambda: _refusals(proc)[logged:], 10, f"the refusal of {case} in the log")[0]
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    assert not _attempt(keyserver.port, source, context, plaintext=preface).startswith(b"\x00")  # no gRPC frame
+    refusal = wait_for(lambda: _refusals(proc, source), 10, f"the refusal of {case} in the log")[0]
     assert refusal["level"] == "warning"
-    assert refusal["peer"].startswith("127.0.0.1:")
     assert reason in refusal["reason"]
     if result == "not_allowed":  # past the handshake, the certificate names who it was
         assert refusal["subject_cn"] == "cp-2" and refusal["names"] == ["cp-2"]
@@ -190,8 +267,8 @@ def test_refused_connections_are_logged_with_the_peer_and_counted(
 
 def test_a_raw_tcp_client_gets_no_plaintext_answer(keyserver: KeyServer) -> None:
     """The TCP port speaks TLS only: an HTTP/2 preface in clear gets the connection closed, never a frame back."""
-    logged = len(_refusals(keyserver.proc))
-    with socket.create_connection(("127.0.0.1", keyserver.port), timeout=5) as raw:
+    source = _source()
+    with _connect(keyserver.port, source) as raw:
         raw.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
         answer = b""
         try:
@@ -200,8 +277,84 @@ def test_a_raw_tcp_client_gets_no_plaintext_answer(keyserver: KeyServer) -> None
         except ConnectionResetError:  # closed with our bytes unread
             pass
     assert not answer.startswith(b"\x00")  # no HTTP/2 frame; at most a TLS alert record
-    refusal = wait_for(lambda: _refusals(keyserver.proc)[logged:], 10, "the refusal in the log")[0]
+    refusal = wait_for(lambda: _refusals(keyserver.proc, source), 10, "the refusal in the log")[0]
     assert "not TLS" in refusal["reason"]
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_handshake_timeout(keyserver: KeyServer) -> None:
+    proc = keyserver.proc
+    counted = _metric(proc, 'kleidi_remote_connections_total{result="handshake"}')
+    source = _source()
+    with _connect(keyserver.port, source) as raw:
+        raw.settimeout(remote_server.HANDSHAKE_TIMEOUT + 10)
+        opened = time.monotonic()
+        with contextlib.suppress(ConnectionResetError):
+            assert raw.recv(1) == b""
+        waited = time.monotonic() - opened
+    assert remote_server.HANDSHAKE_TIMEOUT - 0.5 <= waited < remote_server.HANDSHAKE_TIMEOUT + 5
+    refusal = wait_for(lambda: _refusals(proc, source), 10, "the refusal in the log")[0]
+    assert refusal["reason"] == f"no TLS handshake within {remote_server.HANDSHAKE_TIMEOUT:.0f}s"
+    assert _metric(proc, 'kleidi_remote_connections_total{result="handshake"}') == counted + 1
+
+
+def test_handshakes_beyond_the_caps_are_closed_at_once_while_valid_clients_get_through(keyserver: KeyServer) -> None:
+    """Connections that send nothing, as a flood would: past the share of one address, then past the share of
+    everyone, each new one is closed at once and counted, while the key server keeps serving."""
+    proc = keyserver.proc
+
+    def refused() -> tuple[float, float]:
+        return (
+            _metric(proc, 'kleidi_remote_connections_total{result="over_limit"}'),
+            _metric(proc, 'kleidi_remote_connections_total{result="handshake"}'),
+        )
+
+    over, lost = refused()
+    per_host, everyone = remote_guard.MAX_HANDSHAKES_PER_HOST, remote_guard.MAX_HANDSHAKES
+    flood: list[socket.socket] = []
+    # All of it must happen within one handshake timeout, before the held connections are closed by it.
+    with _channel(keyserver) as before, contextlib.ExitStack() as stack:
+        stub = _stub(before)
+        assert stub.Status(remote_v1_pb2.StatusRequest(), timeout=5).healthz == "ok"  # open before the flood
+        flooder = _source()
+        flood += [stack.enter_context(_connect(keyserver.port, flooder)) for _ in range(per_host + 14)]
+        wait_for(lambda: refused()[0] == over + 14, 5, "the connections past one address's share to be refused")
+        with _channel(keyserver) as during:  # another address still gets a handshake
+            assert _stub(during).Status(remote_v1_pb2.StatusRequest(), timeout=5).healthz == "ok"
+        hosts = (everyone - per_host) // per_host + 1  # enough to fill every slot, and 16 more
+        for host in [_source() for _ in range(hosts)]:
+            flood += [stack.enter_context(_connect(keyserver.port, host)) for _ in range(per_host)]
+        beyond = len(flood) - everyone
+        wait_for(lambda: refused()[0] == over + beyond, 5, "the connections past every slot to be refused")
+        wait_for(lambda: sum(map(_closed, flood)) >= beyond, 5, "the refused connections to be closed")
+        assert stub.Status(remote_v1_pb2.StatusRequest(), timeout=5).healthz == "ok"  # not one of them
+    # The flood gone, each of its connections is counted once, and a new client gets through.
+    wait_for(lambda: sum(refused()) == over + lost + len(flood), 10, "every flood connection to be counted")
+    assert refused()[0] == over + beyond
+    with _channel(keyserver) as after:
+        assert _stub(after).Status(remote_v1_pb2.StatusRequest(), timeout=5).healthz == "ok"
+
+
+def test_a_flood_of_refusals_from_one_address_writes_few_lines_and_counts_every_one(keyserver: KeyServer) -> None:
+    proc = keyserver.proc
+    counted = _metric(proc, 'kleidi_remote_connections_total{result="handshake"}')
+    source, flood = _source(), 50
+    for _ in range(flood):
+        assert not _attempt(keyserver.port, source, None, plaintext=b"GET / HTTP/1.0\r\n\r\n").startswith(b"\x00")
+    wait_for(
+        lambda: _metric(proc, 'kleidi_remote_connections_total{result="handshake"}') == counted + flood,
+        10,
+        "every refusal to be counted",
+    )
+    # One line in full; the others counted in a line at the end of the window (one per window they span).
+    summaries = wait_for(
+        lambda: (found := _summaries(proc, source)) and sum(r["refused"] for r in found) == flood - 1 and found,
+        remote_guard.REFUSAL_LOG_WINDOW * 3,
+        "the count of the refusals not written one by one",
+    )
+    full = _refusals(proc, source)
+    assert len(full) == 1 and "not TLS" in full[0]["reason"]
+    assert len(summaries) <= 2 and all(r["level"] == "warning" for r in summaries)
+    assert {result for r in summaries for result in r["results"]} == {"handshake"}
 
 
 def test_the_internal_socket_is_private_and_stop_closes_everything(tmp_path: Path, softhsm: SoftHsm) -> None:
@@ -314,3 +467,54 @@ def test_a_port_in_use_stops_the_start_naming_the_setting(tmp_path: Path, sofths
         assert server.proc.wait_exit() == 1
     assert not [path for path in Path(server.proc.socket).parent.iterdir() if path.name.startswith("kleidi-remote-")]
     assert f"serve_remote.listen: cannot listen on 127.0.0.1:{server.port}: Address already in use" in server.proc.log()
+
+
+@contextlib.contextmanager
+def _in_process(tmp_path: Path, softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch) -> Iterator[InProcess]:
+    """A key server in this process (so a test can shorten its module constants first), on a real token."""
+    ours, stranger = _pki(tmp_path)
+    port = free_port()
+    monkeypatch.setenv("SOFTHSM2_CONF", str(softhsm.conf))
+    config = {
+        **pkcs11_config(softhsm),
+        "listen": f"unix://{tmp_path}/run/kleidi.sock",
+        "serve_remote": _serve_remote(ours, port),
+    }
+    server = KleidiServer(validate(config))
+    server.start()
+    try:
+        yield InProcess(port, ours, stranger, server)
+    finally:
+        server.stop()
+
+
+def _logged_refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The reasons of the refusals an in-process key server wrote in full."""
+    return [getattr(r, "reason", "") for r in caplog.records if r.getMessage() == "remote connection refused"]
+
+
+def _count(server: KleidiServer, result: str) -> float:
+    value = server.metrics.registry.get_sample_value("kleidi_remote_connections_total", {"result": result})
+    return value or 0.0
+
+
+def test_connections_beyond_the_open_limit_are_closed_at_once(
+    tmp_path: Path, softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(remote_guard, "MAX_CONNECTIONS", 2)
+    with _in_process(tmp_path, softhsm, monkeypatch) as keyserver, contextlib.ExitStack() as stack:
+        server = keyserver.server
+        context = _client_context(keyserver)
+        held = []
+        for _ in range(2):
+            raw = stack.enter_context(_connect(keyserver.port))
+            held.append(stack.enter_context(context.wrap_socket(raw, server_hostname="127.0.0.1")))
+            assert held[-1].recv(1) == b"\x00"  # accepted, spliced
+        assert _attempt(keyserver.port, "127.0.0.1", context) == b""
+        assert wait_for(lambda: _logged_refusals(caplog), 5, "the refusal in the log") == [
+            "2 connections open, the most serve_remote holds"
+        ]
+        assert _count(server, "over_limit") == 1
+        held.pop().close()
+        wait_for(lambda: _attempt(keyserver.port, "127.0.0.1", context) == b"\x00", 10, "room for one more")
+        assert _count(server, "over_limit") == 1
