@@ -35,6 +35,12 @@ log = logging.getLogger("kleidi.remote")
 
 # A client on the network finishes its handshake in milliseconds; one that has not after this is closed.
 HANDSHAKE_TIMEOUT = 5.0
+# Every connection is renewed within CONNECTION_AGE (±10%, gRPC's jitter): the gRPC server sends GOAWAY, which
+# reaches the client through the splice, and the client reconnects with a new handshake. So a re-issued CA or an
+# expired client certificate reaches a connection that is already open within this bound (a changed allow-list
+# needs a restart, which closes every connection). Calls in flight at the GOAWAY get CONNECTION_AGE_GRACE to finish.
+CONNECTION_AGE = 300.0
+CONNECTION_AGE_GRACE = 30.0
 # The longest unix socket path the kernel takes (sun_path, less the terminating NUL).
 _MAX_SOCKET_PATH = 107
 
@@ -104,6 +110,14 @@ class KeyServerServicer(remote_v1_pb2_grpc.KeyServerServicer):
 
 def add_servicer(servicer: KeyServerServicer, server: grpc.aio.Server) -> None:
     remote_v1_pb2_grpc.add_KeyServerServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+
+
+def grpc_options() -> list[tuple[str, int]]:
+    """The internal gRPC server's options beyond the KMS socket's: connections renewed within CONNECTION_AGE."""
+    return [
+        ("grpc.max_connection_age_ms", int(CONNECTION_AGE * 1000)),
+        ("grpc.max_connection_age_grace_ms", int(CONNECTION_AGE_GRACE * 1000)),
+    ]
 
 
 class _Pipe(asyncio.Protocol):

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -214,13 +214,13 @@ class KleidiServer:
 
     def _start_remote(self, remote: RemoteFront, pool: futures.ThreadPoolExecutor) -> None:
         """The key server: its gRPC server on a private unix socket, then the mutual TLS listener in front."""
-        from kleidi.remote_server import KeyServerServicer, add_servicer
+        from kleidi.remote_server import KeyServerServicer, add_servicer, grpc_options
 
         assert self._loop is not None
         servicer = KeyServerServicer(self.provider, self.health, self._new_call("remote", pool))
         path = remote.make_socket_dir(os.path.dirname(self.config.socket_path))
         self._remote_grpc = asyncio.run_coroutine_threadsafe(
-            self._start_grpc(path, lambda server: add_servicer(servicer, server)), self._loop
+            self._start_grpc(path, lambda server: add_servicer(servicer, server), grpc_options()), self._loop
         ).result(30)
         remote.start()
 
@@ -277,13 +277,16 @@ class KleidiServer:
         v2_pb2_grpc.add_KeyManagementServiceServicer_to_server(v2, server)  # type: ignore[no-untyped-call]
         v1beta1_pb2_grpc.add_KeyManagementServiceServicer_to_server(v1, server)  # type: ignore[no-untyped-call]
 
-    async def _start_grpc(self, path: str, add: Callable[[grpc.aio.Server], None]) -> grpc.aio.Server:
+    async def _start_grpc(
+        self, path: str, add: Callable[[grpc.aio.Server], None], options: Sequence[tuple[str, int]] = ()
+    ) -> grpc.aio.Server:
         cfg = self.config
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", cfg.max_request_bytes),
                 ("grpc.max_send_message_length", cfg.max_request_bytes),
                 ("grpc.so_reuseport", 0),
+                *options,
             ],
         )
         add(server)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 import os
 import re
 import select
@@ -496,6 +497,48 @@ def _logged_refusals(caplog: pytest.LogCaptureFixture) -> list[str]:
 def _count(server: KleidiServer, result: str) -> float:
     value = server.metrics.registry.get_sample_value("kleidi_remote_connections_total", {"result": result})
     return value or 0.0
+
+
+def test_open_connections_are_renewed_and_a_reissued_ca_reaches_them(
+    tmp_path: Path, softhsm: SoftHsm, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(remote_server, "CONNECTION_AGE", 1.0)
+    monkeypatch.setattr(remote_server, "CONNECTION_AGE_GRACE", 1.0)
+    caplog.set_level(logging.INFO, logger="kleidi")
+    with _in_process(tmp_path, softhsm, monkeypatch) as keyserver, _channel(keyserver) as channel:
+        server = keyserver.server
+        stub = _stub(channel)
+        first = _count(server, "accepted")
+        calls = 0
+
+        def renewed() -> bool:
+            nonlocal calls  # every call must succeed: a renewal is invisible to the client
+            blob = stub.Encrypt(remote_v1_pb2.EncryptRequest(plaintext=SEED), timeout=5)
+            request = remote_v1_pb2.DecryptRequest(ciphertext=blob.ciphertext, key_id=blob.key_id)
+            assert stub.Decrypt(request, timeout=5).plaintext == SEED
+            calls += 1
+            return _count(server, "accepted") >= first + 3
+
+        wait_for(renewed, 30, "the open connection to be renewed three times")
+        assert calls > 3
+
+        # The CA re-issued: the key server now trusts only the new one. The channel, open all along, is refused
+        # at its next renewal.
+        shutil.copy(keyserver.stranger / "ca.pem", keyserver.pki / "ca.pem")
+
+        def refused() -> bool:
+            try:
+                stub.Status(remote_v1_pb2.StatusRequest(), timeout=2)
+            except grpc.RpcError as error:
+                return bool(error.code() == grpc.StatusCode.UNAVAILABLE)
+            return False
+
+        wait_for(refused, 15, "the open connection to be refused after the CA changed")
+        wait_for(
+            lambda: any(reason.startswith("client certificate not trusted") for reason in _logged_refusals(caplog)),
+            5,
+            "the refusal in the log",
+        )
 
 
 def test_connections_beyond_the_open_limit_are_closed_at_once(
