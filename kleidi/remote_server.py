@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import ipaddress
 import logging
 import os
 import shutil
+import socket
 import ssl
+import stat
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -41,6 +46,9 @@ HANDSHAKE_TIMEOUT = 5.0
 # needs a restart, which closes every connection). Calls in flight at the GOAWAY get CONNECTION_AGE_GRACE to finish.
 CONNECTION_AGE = 300.0
 CONNECTION_AGE_GRACE = 30.0
+# An empty private directory younger than this is left alone: a kleidi starting at this moment has made it and
+# is about to lock it.
+STALE_AFTER = 10.0
 # The longest unix socket path the kernel takes (sun_path, less the terminating NUL).
 _MAX_SOCKET_PATH = 107
 
@@ -234,6 +242,80 @@ def handshake_reason(exc: BaseException) -> str:
     return f"connection lost during the TLS handshake ({type(exc).__name__})"
 
 
+def _answers(path: str) -> bool:
+    """Whether something listens on the unix socket ``path``; anything but a refusal counts as yes."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError as exc:
+            return exc.errno not in (errno.ECONNREFUSED, errno.ENOENT)
+    return True
+
+
+def _lock(directory: str) -> int | None:
+    """An exclusive lock on a private directory, which its kleidi holds from just after making it until it
+    removes it (the kernel lets go of it when the process dies, however it dies): the descriptor, or None when
+    another process holds it."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _is_stale(directory: str) -> bool:
+    """With its lock held: a directory of this user's with nothing in it but a socket that refuses a connect (or
+    nothing at all, for longer than a kleidi takes from making it to locking it)."""
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        return False
+    entries = os.listdir(directory)
+    if not entries:
+        return time.time() - info.st_mtime > STALE_AFTER
+    path = os.path.join(directory, "s")
+    return entries == ["s"] and stat.S_ISSOCK(os.lstat(path).st_mode) and not _answers(path)
+
+
+def _remove_if_stale(directory: str) -> bool:
+    try:
+        fd = _lock(directory)
+    except OSError:  # a symlink, gone meanwhile, not readable: not ours to touch
+        return False
+    if fd is None:  # a running kleidi's
+        return False
+    try:
+        if not _is_stale(directory):
+            return False
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(directory, "s"))
+        os.rmdir(directory)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def remove_stale_dirs(parent: str) -> None:
+    """The private directories that kleidis killed without their stop (SIGKILL, the OOM killer) left in
+    ``parent``. One that a running kleidi holds, or whose socket answers (a kleidi from before the lock), is kept,
+    as is anything not certainly ours."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in sorted(names):
+        directory = os.path.join(parent, name)
+        if name.startswith("kleidi-remote-") and _remove_if_stale(directory):
+            log.info("removed a private socket directory a stopped kleidi left", extra={"directory": directory})
+
+
 class RemoteFront:
     """The TCP listener of serve_remote, on an event loop of its own thread: TLS handshake, allow-list, then the
     splice to the internal gRPC server's unix socket."""
@@ -244,6 +326,7 @@ class RemoteFront:
         self._tls = ServerTls(cfg, metrics)  # a missing or bad file stops the start here, naming the setting
         self._allowed = {_normal_name(name) for name in cfg.allowed_client_names}
         self._directory: str | None = None
+        self._directory_lock: int | None = None
         self.socket_path = ""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kleidi-remote", daemon=True)
@@ -266,6 +349,7 @@ class RemoteFront:
         for parent in (near, None):
             if parent is not None and len(os.path.join(parent, "kleidi-remote-XXXXXXXX", "s")) > _MAX_SOCKET_PATH:
                 continue
+            remove_stale_dirs(parent if parent is not None else tempfile.gettempdir())
             try:
                 self._directory = tempfile.mkdtemp(prefix="kleidi-remote-", dir=parent)
             except OSError as exc:
@@ -276,6 +360,8 @@ class RemoteFront:
                 continue
             break
         assert self._directory is not None
+        # Held until stop: it tells this directory from a stale one to any kleidi that starts meanwhile.
+        self._directory_lock = _lock(self._directory)
         self.socket_path = os.path.join(self._directory, "s")
         return self.socket_path
 
@@ -409,6 +495,9 @@ class RemoteFront:
         if self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
             self._directory = None
+        if self._directory_lock is not None:
+            os.close(self._directory_lock)
+            self._directory_lock = None
 
     async def _abort_all(self) -> None:
         for pair in list(self._open):

@@ -8,12 +8,14 @@ address of its own in 127.0.0.0/8 (_source()), so its first refusal is always wr
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import itertools
 import logging
 import os
 import re
 import select
 import shutil
+import signal
 import socket
 import ssl
 import stat
@@ -468,6 +470,69 @@ def test_a_port_in_use_stops_the_start_naming_the_setting(tmp_path: Path, sofths
         assert server.proc.wait_exit() == 1
     assert not [path for path in Path(server.proc.socket).parent.iterdir() if path.name.startswith("kleidi-remote-")]
     assert f"serve_remote.listen: cannot listen on 127.0.0.1:{server.port}: Address already in use" in server.proc.log()
+
+
+def _unix_socket(path: Path, listening: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    if listening:
+        sock.listen()
+    return sock
+
+
+def test_private_directories_left_by_a_killed_key_server_are_removed_at_start(tmp_path: Path, softhsm: SoftHsm) -> None:
+    server = _key_server(tmp_path, softhsm)
+    run = Path(server.proc.socket).parent
+    run.mkdir(parents=True)
+    long_ago = time.time() - 3600
+    made: dict[str, Path] = {}
+
+    def private(name: str, socket_listening: bool | None = False, owner: int | None = None) -> Path:
+        directory = run / f"kleidi-remote-{name}"
+        directory.mkdir(mode=0o700)
+        if socket_listening is not None:
+            stack.enter_context(_unix_socket(directory / "s", socket_listening))
+        if owner is not None:
+            os.chown(directory, owner, -1)
+        os.utime(directory, (long_ago, long_ago))
+        made[name] = directory
+        return directory
+
+    with contextlib.ExitStack() as stack:
+        private("stale")  # its socket refuses a connect: its kleidi is gone
+        private("empty", socket_listening=None)  # made, never bound (killed right after the mkdtemp)
+        private("serving", socket_listening=True)  # another kleidi, running
+        starting = private("starting")  # another kleidi, locked but not listening yet
+        lock = os.open(starting, os.O_RDONLY | os.O_DIRECTORY)
+        stack.callback(os.close, lock)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        young = private("young", socket_listening=None)  # another kleidi, just made
+        os.utime(young)
+        private("foreign", owner=os.geteuid() + 4242)  # another user's
+        (private("more") / "notes").write_text("not a private directory as kleidi makes them")
+        (run / "kleidi-remote-file").write_text("not a directory")
+
+        with server.proc:
+            server.proc.start()
+            gone = {name for name, path in made.items() if not path.exists()}
+            assert gone == {"stale", "empty"}
+            assert (run / "kleidi-remote-file").exists()
+            removed = [
+                r["directory"]
+                for r in server.proc.log_records()
+                if r["msg"] == "removed a private socket directory a stopped kleidi left"
+            ]
+            assert sorted(removed) == [str(made["empty"]), str(made["stale"])]
+            own = [path for path in run.glob("kleidi-remote-*/") if path not in made.values()]
+            assert len(own) == 1
+            with _channel(server) as channel:
+                assert _stub(channel).Status(remote_v1_pb2.StatusRequest(), timeout=5).healthz == "ok"
+            # Killed, it leaves its own behind; the next start removes it.
+            assert server.proc.stop(signal.SIGKILL) == -signal.SIGKILL
+            assert own[0].exists()
+            server.proc.start()
+            assert not own[0].exists()
+            assert made["serving"].exists() and made["starting"].exists()
 
 
 @contextlib.contextmanager
