@@ -360,6 +360,23 @@ def test_a_flood_of_refusals_from_one_address_writes_few_lines_and_counts_every_
     assert {result for r in summaries for result in r["results"]} == {"handshake"}
 
 
+def test_every_connection_is_a_full_handshake(keyserver: KeyServer) -> None:
+    """A session from an earlier connection is not resumed: each handshake checks the client certificate."""
+    context = _client_context(keyserver)
+    with (
+        _connect(keyserver.port) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        assert tls.recv(1) == b"\x00"  # accepted: the gRPC server's first frame
+        session = tls.session
+    with (
+        _connect(keyserver.port) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls,
+    ):
+        assert tls.recv(1) == b"\x00"
+        assert not tls.session_reused
+
+
 def test_the_internal_socket_is_private_and_stop_closes_everything(tmp_path: Path, softhsm: SoftHsm) -> None:
     server = _key_server(tmp_path, softhsm)
     run = Path(server.proc.socket).parent
@@ -470,6 +487,52 @@ def test_a_port_in_use_stops_the_start_naming_the_setting(tmp_path: Path, sofths
         assert server.proc.wait_exit() == 1
     assert not [path for path in Path(server.proc.socket).parent.iterdir() if path.name.startswith("kleidi-remote-")]
     assert f"serve_remote.listen: cannot listen on 127.0.0.1:{server.port}: Address already in use" in server.proc.log()
+
+
+def test_a_changed_ca_file_is_read_again_without_restart(tmp_path: Path, softhsm: SoftHsm) -> None:
+    """A second CA added to serve_remote.ca_cert (a CA rotation): its clients are refused before, taken after."""
+    server = _key_server(tmp_path, softhsm)
+    proc = server.proc
+    with proc:
+        proc.start()
+        proc.wait_healthy()
+        source = _source()
+        assert _attempt(server.port, source, _client_context(server, server.stranger)) == b""
+        refusal = wait_for(lambda: _refusals(proc, source), 10, "the stranger's refusal")[0]
+        assert "client certificate not trusted" in refusal["reason"]
+        ca = server.pki / "ca.pem"
+        (tmp_path / "both.pem").write_bytes(ca.read_bytes() + (server.stranger / "ca.pem").read_bytes())
+        shutil.move(tmp_path / "both.pem", ca)
+        wait_for(
+            lambda: _attempt(server.port, source, _client_context(server, server.stranger)) == b"\x00",
+            10,
+            "a client of the new CA to be taken",
+        )
+        with _channel(server, server.stranger) as channel:
+            assert _stub(channel).Status(remote_v1_pb2.StatusRequest(), timeout=5).healthz == "ok"
+        assert _metric(proc, 'kleidi_tls_reloads_total{result="ok",side="server"}') == 1
+        with _channel(server) as ours:  # the first CA's clients too
+            assert _stub(ours).Status(remote_v1_pb2.StatusRequest(), timeout=5).healthz == "ok"
+
+
+def test_a_certificate_for_servers_only_is_no_client_certificate(tmp_path: Path, softhsm: SoftHsm) -> None:
+    """With allowed_client_names empty, any client certificate of the CA is taken: a key server's own certificate
+    (extended key usage serverAuth only) is not one."""
+    server = _key_server(tmp_path, softhsm)
+    proc = server.proc
+    proc.config["serve_remote"] = _serve_remote(server.pki, server.port, allowed_client_names=[])
+    with proc:
+        proc.start()
+        proc.wait_healthy()
+        source = _source()
+        context = _client_context(server, client=None)
+        context.load_cert_chain(server.pki / "server-ks-1.pem", server.pki / "server-ks-1-key.pem")
+        assert _attempt(server.port, source, context) == b""
+        refusal = wait_for(lambda: _refusals(proc, source), 10, "the refusal in the log")[0]
+        assert refusal["reason"] == "client certificate not trusted: unsuitable certificate purpose"
+        assert _metric(proc, 'kleidi_remote_connections_total{result="handshake"}') == 1
+        with _channel(server, client="cp-2") as channel:  # on no list, but a client certificate: taken
+            assert _stub(channel).Status(remote_v1_pb2.StatusRequest(), timeout=5).healthz == "ok"
 
 
 def _unix_socket(path: Path, listening: bool) -> socket.socket:
