@@ -687,5 +687,11 @@ def test_connections_beyond_the_open_limit_are_closed_at_once(
         ]
         assert _count(server, "over_limit") == 1
         held.pop().close()
-        wait_for(lambda: _attempt(keyserver.port, "127.0.0.1", context) == b"\x00", 10, "room for one more")
+        registry = server.metrics.registry
+        wait_for(
+            lambda: registry.get_sample_value("kleidi_remote_connections_open") == 1,
+            10,
+            "the closed connection to be let go",
+        )
+        assert _attempt(keyserver.port, "127.0.0.1", context) == b"\x00"  # room for one more
         assert _count(server, "over_limit") == 1
