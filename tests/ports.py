@@ -41,15 +41,14 @@ def _worker_index() -> int:
 
 
 class PortPool:
-    def __init__(self, low: int = LOW, high: int | None = None, lock_file: Path = LOCK_FILE) -> None:
+    def __init__(self, low: int = LOW, high: int | None = None, start: int | None = None) -> None:
         self.low = low
         # A kernel whose ephemeral range starts lower leaves nothing safe from outgoing connections; the locks still
         # keep the tests' own servers apart.
         self.high = high if high is not None else max(min(_ephemeral_low(), 32768), low + 4 * STRETCH)
-        self._next = low + (_worker_index() * STRETCH) % (self.high - low)
+        self._next = start if start is not None else low + (_worker_index() * STRETCH) % (self.high - low)
         self._given: set[int] = set()
         self._mutex = threading.Lock()
-        self._lock_file = lock_file
         self._fd: int | None = None
 
     def port(self) -> int:
@@ -98,7 +97,7 @@ class PortPool:
     def _lock(self, port: int) -> bool:
         if self._fd is None:
             try:
-                self._fd = os.open(self._lock_file, os.O_RDWR | os.O_CREAT, 0o666)
+                self._fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
             except OSError:
                 self._fd = -1  # no shared lock file (another user's, say): the per-worker stretches still apply
         if self._fd < 0:

@@ -35,13 +35,13 @@ def test_ports_are_distinct_below_the_ephemeral_range_and_bindable() -> None:
 
 def test_another_process_never_gets_a_port_this_one_holds() -> None:
     """Both pools start at the same port: the second takes only what the first does not hold."""
-    mine = ports.PortPool(LOW, HIGH)
+    mine = ports.PortPool(LOW, HIGH, start=LOW)
     held = [mine.port() for _ in range(10)]
     assert held == list(range(LOW, LOW + 10))
     code = textwrap.dedent(
         f"""
         from tests.ports import PortPool
-        pool = PortPool({LOW}, {HIGH})
+        pool = PortPool({LOW}, {HIGH}, start={LOW})
         print(*(pool.port() for _ in range(5)), pool.pair())
         """
     )
@@ -53,7 +53,7 @@ def test_a_port_something_listens_on_is_skipped() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", LOW + 50))
         taken.listen()
-        pool = ports.PortPool(LOW + 50, HIGH)
+        pool = ports.PortPool(LOW, HIGH, start=LOW + 50)
         assert pool.port() == LOW + 51
         # A pair needs both: LOW + 52 and LOW + 53 follow.
         assert pool.pair() == LOW + 52
@@ -63,7 +63,7 @@ def test_a_pair_skips_a_taken_second_port() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", LOW + 71))
         taken.listen()
-        pool = ports.PortPool(LOW + 70, HIGH)
+        pool = ports.PortPool(LOW, HIGH, start=LOW + 70)
         assert pool.pair() == LOW + 72
         assert pool.port() == LOW + 74
 
