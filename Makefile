@@ -72,8 +72,10 @@ typecheck: venv
 unit: deps
 	$(PY) -m pytest -q -m unit
 
+# Two pytest-xdist workers, a test module at a time each; the modules that share the host's paths run on one
+# (tests/parallel.py).
 test: deps tools lint typecheck
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadscope
 	$(MAKE) --no-print-directory molecule
 
 # Three simulated kubeadm control-plane nodes on this machine (molecule/default/simnode/README.md).

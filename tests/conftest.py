@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import parallel
 from tests.backends.softhsm import SoftHsm
 from tests.plugin import KleidiProcess
 
@@ -16,13 +17,20 @@ KINDS = ("unit", "integration")
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects anything, so every test is checked on every run
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     wrong = [item.nodeid for item in items if sum(item.get_closest_marker(kind) is not None for kind in KINDS) != 1]
     if wrong:
         raise pytest.UsageError(
             "every test needs exactly one of the markers unit and integration (a module's pytestmark or the "
             "test's own); these have none or both:\n  " + "\n  ".join(wrong)
         )
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker (tests/parallel.py); a serial run keeps file order
+        items.sort(key=lambda item: parallel.rank(item.nodeid.split("::", 1)[0]))  # stable: file order within
+
+
+@pytest.hookimpl(optionalhook=True)  # only with pytest-xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    return parallel.scheduler(config, log) if config.getvalue("dist") == "loadscope" else None
 
 
 def pkcs11_config(hsm: SoftHsm, key_label: str = "kek-1", **pkcs11: object) -> dict[str, object]:
