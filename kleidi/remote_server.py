@@ -32,9 +32,9 @@ from kleidi.config import ServeRemoteConfig
 from kleidi.errors import ConfigError
 from kleidi.health import HealthMonitor
 from kleidi.observability import Metrics
-from kleidi.providers.base import Provider, Wrapped, fast_path
+from kleidi.providers.base import Provider
 from kleidi.remote_tls import ServerTls
-from kleidi.rpc import Call, check_decrypt_request, check_plaintext, check_wrapped
+from kleidi.rpc import Call, KeyCalls
 
 log = logging.getLogger("kleidi.remote")
 
@@ -58,10 +58,8 @@ class KeyServerServicer(remote_v1_pb2_grpc.KeyServerServicer):
     key_id and annotations go out exactly as it made them."""
 
     def __init__(self, provider: Provider, health: HealthMonitor, call: Call) -> None:
-        self._provider = provider
         self._health = health
-        self._call = call
-        self._fast = fast_path(provider)
+        self._calls = KeyCalls(provider, call, remote_v1_pb2.EncryptResponse, remote_v1_pb2.DecryptResponse)
         self._status_for: Any = None
         self._status = remote_v1_pb2.StatusResponse()
 
@@ -79,41 +77,12 @@ class KeyServerServicer(remote_v1_pb2_grpc.KeyServerServicer):
     async def Encrypt(
         self, request: remote_v1_pb2.EncryptRequest, context: grpc.aio.ServicerContext
     ) -> remote_v1_pb2.EncryptResponse:
-        def answer(wrapped: Wrapped) -> remote_v1_pb2.EncryptResponse:
-            wrapped = check_wrapped(wrapped)
-            return remote_v1_pb2.EncryptResponse(
-                ciphertext=wrapped.ciphertext, key_id=wrapped.key_id, annotations=dict(wrapped.annotations)
-            )
-
-        def body(deadline: float | None) -> remote_v1_pb2.EncryptResponse:
-            check_plaintext(request.plaintext)
-            return answer(self._provider.encrypt(request.plaintext, request.uid, deadline))
-
-        async def fast(deadline: float | None) -> remote_v1_pb2.EncryptResponse | None:
-            assert self._fast is not None
-            check_plaintext(request.plaintext)
-            wrapped = await self._fast.encrypt_fast(request.plaintext, deadline)
-            return None if wrapped is None else answer(wrapped)
-
-        return await self._call.run("Encrypt", request.uid, context, body, fast if self._fast else None)
+        return await self._calls.encrypt(request, context)
 
     async def Decrypt(
         self, request: remote_v1_pb2.DecryptRequest, context: grpc.aio.ServicerContext
     ) -> remote_v1_pb2.DecryptResponse:
-        annotations: Mapping[str, bytes] = request.annotations
-
-        def body(deadline: float | None) -> remote_v1_pb2.DecryptResponse:
-            check_decrypt_request(request.ciphertext, annotations)
-            plaintext = self._provider.decrypt(request.ciphertext, request.key_id, annotations, request.uid, deadline)
-            return remote_v1_pb2.DecryptResponse(plaintext=plaintext)
-
-        async def fast(deadline: float | None) -> remote_v1_pb2.DecryptResponse | None:
-            assert self._fast is not None
-            check_decrypt_request(request.ciphertext, annotations)
-            plaintext = await self._fast.decrypt_fast(request.ciphertext, request.key_id, annotations, deadline)
-            return None if plaintext is None else remote_v1_pb2.DecryptResponse(plaintext=plaintext)
-
-        return await self._call.run("Decrypt", request.uid, context, body, fast if self._fast else None)
+        return await self._calls.decrypt(request, context)
 
 
 def add_servicer(servicer: KeyServerServicer, server: grpc.aio.Server) -> None:

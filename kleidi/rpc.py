@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent import futures
-from typing import TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 
@@ -16,7 +16,7 @@ from kleidi import contract
 from kleidi.errors import DeadlinePassed, InvalidInput, KleidiError, WouldBlock
 from kleidi.health import HealthMonitor
 from kleidi.observability import Metrics
-from kleidi.providers.base import INLINE, Provider, Wrapped
+from kleidi.providers.base import INLINE, Provider, Wrapped, fast_path
 
 log = logging.getLogger("kleidi.server")
 
@@ -27,6 +27,8 @@ _MAX_PLAINTEXT = 512
 ERROR_KIND = "kleidi-error-kind"
 
 T = TypeVar("T")
+E = TypeVar("E")
+D = TypeVar("D")
 
 
 class Call:
@@ -183,3 +185,53 @@ def check_wrapped(wrapped: Wrapped) -> Wrapped:
     if problems:  # a provider bug; the apiserver would reject the answer anyway
         raise KleidiError("provider answer breaks the KMS contract: " + "; ".join(problems))
     return wrapped
+
+
+class KeyCalls(Generic[E, D]):
+    """Encrypt and Decrypt as the KMS v2 API and the remote protocol both carry them: the same request and response
+    fields (plaintext and uid in; ciphertext, key_id, annotations and uid back and forth), in message classes of
+    their own. The servicers of both hand their Encrypt and Decrypt here."""
+
+    def __init__(
+        self, provider: Provider, call: Call, encrypt_response: Callable[..., E], decrypt_response: Callable[..., D]
+    ) -> None:
+        self._provider = provider
+        self._call = call
+        self._fast = fast_path(provider)
+        self._encrypt_response = encrypt_response
+        self._decrypt_response = decrypt_response
+
+    def _answer(self, wrapped: Wrapped) -> E:
+        wrapped = check_wrapped(wrapped)
+        return self._encrypt_response(
+            ciphertext=wrapped.ciphertext, key_id=wrapped.key_id, annotations=dict(wrapped.annotations)
+        )
+
+    async def encrypt(self, request: Any, context: grpc.aio.ServicerContext) -> E:
+        def body(deadline: float | None) -> E:
+            check_plaintext(request.plaintext)
+            return self._answer(self._provider.encrypt(request.plaintext, request.uid, deadline))
+
+        async def fast(deadline: float | None) -> E | None:
+            assert self._fast is not None
+            check_plaintext(request.plaintext)
+            wrapped = await self._fast.encrypt_fast(request.plaintext, deadline)
+            return None if wrapped is None else self._answer(wrapped)
+
+        return await self._call.run("Encrypt", request.uid, context, body, fast if self._fast else None)
+
+    async def decrypt(self, request: Any, context: grpc.aio.ServicerContext) -> D:
+        annotations: Mapping[str, bytes] = request.annotations
+
+        def body(deadline: float | None) -> D:
+            check_decrypt_request(request.ciphertext, annotations)
+            plaintext = self._provider.decrypt(request.ciphertext, request.key_id, annotations, request.uid, deadline)
+            return self._decrypt_response(plaintext=plaintext)
+
+        async def fast(deadline: float | None) -> D | None:
+            assert self._fast is not None
+            check_decrypt_request(request.ciphertext, annotations)
+            plaintext = await self._fast.decrypt_fast(request.ciphertext, request.key_id, annotations, deadline)
+            return None if plaintext is None else self._decrypt_response(plaintext=plaintext)
+
+        return await self._call.run("Decrypt", request.uid, context, body, fast if self._fast else None)

@@ -7,7 +7,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -21,8 +21,8 @@ from kleidi.errors import ConfigError, KleidiError
 from kleidi.health import HealthMonitor
 from kleidi.observability import Metrics, ProbeServer
 from kleidi.providers import build
-from kleidi.providers.base import FastPath, Provider, Wrapped, fast_path
-from kleidi.rpc import Call, check_ciphertext, check_decrypt_request, check_plaintext, check_wrapped
+from kleidi.providers.base import FastPath, Provider, fast_path
+from kleidi.rpc import Call, KeyCalls, check_ciphertext, check_plaintext
 
 if TYPE_CHECKING:
     from kleidi.remote_server import RemoteFront
@@ -42,21 +42,12 @@ async def _stop_all(servers: list[grpc.aio.Server], grace: float) -> None:
     await asyncio.gather(*(server.stop(grace) for server in servers))
 
 
-def _encrypt_response(wrapped: Wrapped) -> v2_pb2.EncryptResponse:
-    wrapped = check_wrapped(wrapped)
-    return v2_pb2.EncryptResponse(
-        ciphertext=wrapped.ciphertext, key_id=wrapped.key_id, annotations=dict(wrapped.annotations)
-    )
-
-
 class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
     """v2.KeyManagementService: Status from the cached health state; Encrypt/Decrypt through the provider."""
 
     def __init__(self, provider: Provider, health: HealthMonitor, call: Call) -> None:
-        self._provider = provider
         self._health = health
-        self._call = call
-        self._fast = fast_path(provider)
+        self._calls = KeyCalls(provider, call, v2_pb2.EncryptResponse, v2_pb2.DecryptResponse)
         self._status_for: Any = None
         self._status: v2_pb2.StatusResponse = v2_pb2.StatusResponse()
 
@@ -70,35 +61,12 @@ class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
     async def Encrypt(
         self, request: v2_pb2.EncryptRequest, context: grpc.aio.ServicerContext
     ) -> v2_pb2.EncryptResponse:
-        def body(deadline: float | None) -> v2_pb2.EncryptResponse:
-            check_plaintext(request.plaintext)
-            return _encrypt_response(self._provider.encrypt(request.plaintext, request.uid, deadline))
-
-        async def fast(deadline: float | None) -> v2_pb2.EncryptResponse | None:
-            assert self._fast is not None
-            check_plaintext(request.plaintext)
-            wrapped = await self._fast.encrypt_fast(request.plaintext, deadline)
-            return None if wrapped is None else _encrypt_response(wrapped)
-
-        return await self._call.run("Encrypt", request.uid, context, body, fast if self._fast else None)
+        return await self._calls.encrypt(request, context)
 
     async def Decrypt(
         self, request: v2_pb2.DecryptRequest, context: grpc.aio.ServicerContext
     ) -> v2_pb2.DecryptResponse:
-        annotations: Mapping[str, bytes] = request.annotations
-
-        def body(deadline: float | None) -> v2_pb2.DecryptResponse:
-            check_decrypt_request(request.ciphertext, annotations)
-            plaintext = self._provider.decrypt(request.ciphertext, request.key_id, annotations, request.uid, deadline)
-            return v2_pb2.DecryptResponse(plaintext=plaintext)
-
-        async def fast(deadline: float | None) -> v2_pb2.DecryptResponse | None:
-            assert self._fast is not None
-            check_decrypt_request(request.ciphertext, annotations)
-            plaintext = await self._fast.decrypt_fast(request.ciphertext, request.key_id, annotations, deadline)
-            return None if plaintext is None else v2_pb2.DecryptResponse(plaintext=plaintext)
-
-        return await self._call.run("Decrypt", request.uid, context, body, fast if self._fast else None)
+        return await self._calls.decrypt(request, context)
 
 
 class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):
