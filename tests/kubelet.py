@@ -70,12 +70,19 @@ class StaticPods:
         for plugin in self.plugins.values():
             plugin.stop()
 
+    def watched(self, root: Path) -> bytes:
+        """What, when it changes, replaces the node's plugin (raises FileNotFoundError while it is not there)."""
+        return (root / MANIFEST).read_bytes()
+
+    def node_config(self, root: Path) -> dict[str, Any]:
+        """The plugin's config as a process on this host runs it."""
+        return node_config(root, yaml.safe_load((root / CONFIG).read_text()))
+
     def _run(self) -> None:
         while not self._stop.wait(0.2):
             for root in self.roots:
-                manifest = root / MANIFEST
                 try:
-                    content = manifest.read_bytes()
+                    content = self.watched(root)
                 except FileNotFoundError:
                     continue
                 if self._seen.get(root) == content:
@@ -91,7 +98,7 @@ class StaticPods:
             old = self.plugins.pop(root, None)
             if old is not None:
                 old.stop()
-            config = node_config(root, yaml.safe_load((root / CONFIG).read_text()))
+            config = self.node_config(root)
             self.starts[root] += 1
             plugin = KleidiProcess(self.workdir / f"{root.name}-{self.starts[root]}", config, env=self.env(root))
             plugin.socket = config["listen"].removeprefix("unix://")

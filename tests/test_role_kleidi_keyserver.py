@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import secrets
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,66 +46,24 @@ UNIT = "etc/systemd/system/kleidi.service"
 CONFIG = "etc/kleidi/kleidi.yaml"
 
 
-class Units:
+class Units(StaticPods):
     """systemd's part on the key servers' node roots: once the role has written the kleidi unit, a `kleidi serve`
     from the host's kleidi.yaml (its node paths read under the root), replaced whenever the unit or kleidi.yaml
     changes, as the role's restart handler would on a real host."""
 
     def __init__(self, workdir: Path, roots: list[Path]) -> None:
-        self.workdir, self.roots = workdir, roots
-        self.plugins: dict[Path, KleidiProcess] = {}
-        self.starts: dict[Path, int] = dict.fromkeys(roots, 0)
-        self.errors: list[str] = []
-        self._seen: dict[Path, bytes] = {}
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__(workdir, roots, softhsm_env)
 
-    def __enter__(self) -> Units:
-        self._thread.start()
-        return self
+    def watched(self, root: Path) -> bytes:
+        return (root / UNIT).read_bytes() + (root / CONFIG).read_bytes()
 
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(30)
-        for plugin in self.plugins.values():
-            plugin.stop()
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.2):
-            for root in self.roots:
-                try:
-                    content = (root / UNIT).read_bytes() + (root / CONFIG).read_bytes()
-                except FileNotFoundError:
-                    continue
-                if self._seen.get(root) != content:
-                    self._seen[root] = content
-                    try:
-                        self._replace(root)
-                    except Exception as exc:  # reported by the test that reads errors
-                        self.errors.append(f"{root.name}: {exc}")
-
-    def _replace(self, root: Path) -> None:
-        with self._lock:
-            old = self.plugins.pop(root, None)
-            if old is not None:
-                old.stop()
-            text = yaml.safe_load((root / CONFIG).read_text())
-            config = node_config(root, text)
-            serve = dict(config["serve_remote"])
-            for key in ("ca_cert", "cert", "key"):
-                serve[key] = f"{root}{serve[key]}"
-            config["serve_remote"] = serve
-            self.starts[root] += 1
-            plugin = KleidiProcess(self.workdir / f"{root.name}-{self.starts[root]}", config, env=softhsm_env(root))
-            plugin.socket = config["listen"].removeprefix("unix://")
-            (root / "run" / "kleidi").mkdir(parents=True, exist_ok=True)
-            plugin.start()
-            self.plugins[root] = plugin
-
-    def plugin(self, root: Path) -> KleidiProcess:
-        with self._lock:
-            return self.plugins[root]
+    def node_config(self, root: Path) -> dict[str, Any]:
+        config = node_config(root, yaml.safe_load((root / CONFIG).read_text()))
+        serve = dict(config["serve_remote"])
+        for key in ("ca_cert", "cert", "key"):
+            serve[key] = f"{root}{serve[key]}"
+        config["serve_remote"] = serve
+        return config
 
 
 @dataclass
