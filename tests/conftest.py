@@ -28,6 +28,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         items.sort(key=lambda item: parallel.rank(item.nodeid.split("::", 1)[0]))  # stable: file order within
 
 
+@pytest.hookimpl(tryfirst=True)  # before the tmp_path factory reads the basetemp
+def pytest_configure(config: pytest.Config) -> None:
+    parallel.short_basetemp(config)
+
+
 @pytest.hookimpl(optionalhook=True)  # only with pytest-xdist
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
     return parallel.scheduler(config, log) if config.getvalue("dist") == "loadscope" else None
