@@ -16,7 +16,66 @@ def _no_vault_fast_path() -> None:
     del VaultProvider.encrypt_fast  # kleidi.providers.base.fast_path() then finds none: every call takes a worker
 
 
-WITHOUT: dict[str, Callable[[], None]] = {"vault-fast-path": _no_vault_fast_path}
+def _no_pkcs11_direct() -> None:
+    """The token calls of a request through PyKCS11's Session methods, as kleidi made them before
+    providers/pkcs11_direct.py: what a plugin written on PyKCS11 alone pays."""
+    from typing import Any
+
+    import PyKCS11
+
+    from kleidi.providers import pkcs11_direct, pkcs11_token
+
+    class ViaPyKCS11:
+        def __init__(self, module: str) -> None:
+            # The module is loaded already: PyKCS11 shares it, and the session and object handles are the same.
+            self._lib = PyKCS11.PyKCS11Lib().load(module)
+            self._direct = pkcs11_direct.Direct(module)  # session copies stay: pkcs11.session_keys measures those
+            self._sessions: dict[int, Any] = {}  # a provider on PyKCS11 would hold these objects, not build them
+            self._keys: dict[int, Any] = {}
+
+        def _session(self, handle: int) -> Any:
+            session = self._sessions.get(handle)
+            if session is None:
+                raw = PyKCS11.LowLevel.CK_SESSION_HANDLE()
+                raw.assign(handle)
+                session = self._sessions[handle] = PyKCS11.Session(self._lib, raw)
+            return session
+
+        def _key(self, session: Any, handle: int) -> Any:
+            key = self._keys.get(handle)
+            if key is None:
+                key = self._keys[handle] = PyKCS11.CK_OBJECT_HANDLE(session)
+                key.assign(handle)
+            return key
+
+        def gcm_encrypt(self, session: int, key: int, iv: bytes, aad: bytes, tag_bits: int, data: bytes) -> bytes:
+            sess = self._session(session)
+            return bytes(sess.encrypt(self._key(sess, key), data, PyKCS11.AES_GCM_Mechanism(iv, aad, tag_bits)))
+
+        def gcm_decrypt(self, session: int, key: int, iv: bytes, aad: bytes, tag_bits: int, data: bytes) -> bytes:
+            sess = self._session(session)
+            return bytes(sess.decrypt(self._key(sess, key), data, PyKCS11.AES_GCM_Mechanism(iv, aad, tag_bits)))
+
+        def cbc(self, session: int, key: int, iv: bytes, data: bytes, *, encrypt: bool) -> bytes:
+            sess = self._session(session)
+            mechanism = PyKCS11.Mechanism(PyKCS11.CKM_AES_CBC, iv)
+            call = sess.encrypt if encrypt else sess.decrypt
+            return bytes(call(self._key(sess, key), data, mechanism))
+
+        def hmac_sha256(self, session: int, key: int, data: bytes) -> bytes:
+            sess = self._session(session)
+            return bytes(sess.sign(self._key(sess, key), data, PyKCS11.Mechanism(PyKCS11.CKM_SHA256_HMAC)))
+
+        def session_copy(self, session: int, key: int) -> int:
+            return self._direct.session_copy(session, key)
+
+    pkcs11_token.Direct = ViaPyKCS11  # type: ignore[assignment,misc]
+
+
+WITHOUT: dict[str, Callable[[], None]] = {
+    "vault-fast-path": _no_vault_fast_path,
+    "pkcs11-direct": _no_pkcs11_direct,
+}
 
 
 def main(argv: list[str]) -> int:

@@ -2,10 +2,12 @@
 raw PyKCS11 calls on the same token for reference.
 
     python -m bench softhsm        (with the other backends: python -m bench)
-    python -m bench.softhsm [--set KEY=VALUE ...] [--variant KEY=VALUE ...] [--only v2|v1|Encrypt|Decrypt]
+    python -m bench.softhsm [--set KEY=VALUE ...] [--variant KEY=VALUE ...] [--without pkcs11-direct]
+                            [--only v2|v1|Encrypt|Decrypt]
 
 --set changes the config of the kleidi measured; each --variant starts one more kleidi with that setting on top,
 measured in the same rounds, so what a tuning setting buys is read off one run (docs/performance.md).
+--without pkcs11-direct does the same for a kleidi whose token calls go through PyKCS11 (bench/launch.py).
 """
 
 from __future__ import annotations
@@ -100,6 +102,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="KEY=VALUE",
         help="also measure a kleidi with this setting changed, in the same rounds (repeatable)",
     )
+    parser.add_argument(
+        "--without",
+        choices=("pkcs11-direct",),
+        action="append",
+        default=[],
+        help="also measure a kleidi with this mechanism taken out, in the same rounds (bench/launch.py)",
+    )
     parser.add_argument("--rounds", type=int, default=ROUNDS, help=f"rounds, the median reported ({ROUNDS})")
     parser.add_argument(
         "--only", choices=("v2", "v1", "Encrypt", "Decrypt"), help="only the operations of this API or this method"
@@ -124,6 +133,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 name = f"{'.'.join(setting[0])}={setting[1]}"
                 plugins[name] = KleidiProcess(root / f"variant-{i}", variant, env=hsm.env)
                 plugins[name].start()
+            for mechanism in args.without:
+                launcher = ("-m", "bench.launch", "--without", mechanism)
+                plugins[f"without {mechanism}"] = KleidiProcess(
+                    root / f"without-{mechanism}", config, env=hsm.env, launcher=launcher
+                )
+                plugins[f"without {mechanism}"].start()
             targets: dict[str, tuple[str, dict[str, bytes]]] = {}
             for name, each in plugins.items():
                 each.wait_healthy()

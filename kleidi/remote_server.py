@@ -26,15 +26,13 @@ from typing import Any, cast
 
 import grpc
 
-from kleidi import __version__, remote_guard
-from kleidi.api import remote_v1_pb2, remote_v1_pb2_grpc
+from kleidi import remote_guard
+from kleidi.api import remote_v1_pb2_grpc
 from kleidi.config import ServeRemoteConfig
 from kleidi.errors import ConfigError
-from kleidi.health import HealthMonitor
 from kleidi.observability import Metrics
-from kleidi.providers.base import Provider
 from kleidi.remote_tls import ServerTls
-from kleidi.rpc import Call, KeyCalls
+from kleidi.rpc import KeyServerServicer
 
 log = logging.getLogger("kleidi.remote")
 
@@ -51,38 +49,6 @@ CONNECTION_AGE_GRACE = 30.0
 STALE_AFTER = 10.0
 # The longest unix socket path the kernel takes (sun_path, less the terminating NUL).
 _MAX_SOCKET_PATH = 107
-
-
-class KeyServerServicer(remote_v1_pb2_grpc.KeyServerServicer):
-    """kleidi.remote.v1.KeyServer: what the KMS v2 servicer does, for proxy-mode plugins. The provider's blobs,
-    key_id and annotations go out exactly as it made them."""
-
-    def __init__(self, provider: Provider, health: HealthMonitor, call: Call) -> None:
-        self._health = health
-        self._calls = KeyCalls(provider, call, remote_v1_pb2.EncryptResponse, remote_v1_pb2.DecryptResponse)
-        self._status_for: Any = None
-        self._status = remote_v1_pb2.StatusResponse()
-
-    async def Status(
-        self, request: remote_v1_pb2.StatusRequest, context: grpc.aio.ServicerContext
-    ) -> remote_v1_pb2.StatusResponse:
-        state = self._health.state
-        if state is not self._status_for:  # the same key_id and reason the key server's own KMS socket answers
-            self._status = remote_v1_pb2.StatusResponse(
-                healthz=state.reason, key_id=state.key_id, server_version=__version__
-            )
-            self._status_for = state
-        return self._status
-
-    async def Encrypt(
-        self, request: remote_v1_pb2.EncryptRequest, context: grpc.aio.ServicerContext
-    ) -> remote_v1_pb2.EncryptResponse:
-        return await self._calls.encrypt(request, context)
-
-    async def Decrypt(
-        self, request: remote_v1_pb2.DecryptRequest, context: grpc.aio.ServicerContext
-    ) -> remote_v1_pb2.DecryptResponse:
-        return await self._calls.decrypt(request, context)
 
 
 def add_servicer(servicer: KeyServerServicer, server: grpc.aio.Server) -> None:

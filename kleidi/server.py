@@ -1,4 +1,5 @@
-"""The gRPC server: KMS v2 and v1beta1 on one unix socket, its lifecycle and signals."""
+"""The plugin process: its gRPC servers (KMS v2 and v1beta1 on one unix socket), probes, health loop, lifecycle
+and signals. What a call does once it arrives is in kleidi/rpc.py."""
 
 from __future__ import annotations
 
@@ -10,19 +11,19 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import grpc
 
 from kleidi import __version__, contract, unixsocket
-from kleidi.api import v1beta1_pb2, v1beta1_pb2_grpc, v2_pb2, v2_pb2_grpc
+from kleidi.api import v1beta1_pb2_grpc, v2_pb2_grpc
 from kleidi.config import Config
 from kleidi.errors import ConfigError, KleidiError
 from kleidi.health import HealthMonitor
 from kleidi.observability import Metrics, ProbeServer
 from kleidi.providers import build
 from kleidi.providers.base import FastPath, Provider, fast_path
-from kleidi.rpc import Call, KeyCalls, check_ciphertext, check_plaintext
+from kleidi.rpc import Call, KeyServerServicer, KmsV1Servicer, KmsV2Servicer
 
 if TYPE_CHECKING:
     from kleidi.remote_server import RemoteFront
@@ -40,74 +41,6 @@ async def _close_fast(fast: FastPath) -> None:
 
 async def _stop_all(servers: list[grpc.aio.Server], grace: float) -> None:
     await asyncio.gather(*(server.stop(grace) for server in servers))
-
-
-class KmsV2Servicer(v2_pb2_grpc.KeyManagementServiceServicer):
-    """v2.KeyManagementService: Status from the cached health state; Encrypt/Decrypt through the provider."""
-
-    def __init__(self, provider: Provider, health: HealthMonitor, call: Call) -> None:
-        self._health = health
-        self._calls = KeyCalls(provider, call, v2_pb2.EncryptResponse, v2_pb2.DecryptResponse)
-        self._status_for: Any = None
-        self._status: v2_pb2.StatusResponse = v2_pb2.StatusResponse()
-
-    async def Status(self, request: v2_pb2.StatusRequest, context: grpc.aio.ServicerContext) -> v2_pb2.StatusResponse:
-        state = self._health.state
-        if state is not self._status_for:  # rebuilt only when the health loop publishes a new state
-            self._status = v2_pb2.StatusResponse(version=contract.KMS_V2, healthz=state.reason, key_id=state.key_id)
-            self._status_for = state
-        return self._status
-
-    async def Encrypt(
-        self, request: v2_pb2.EncryptRequest, context: grpc.aio.ServicerContext
-    ) -> v2_pb2.EncryptResponse:
-        return await self._calls.encrypt(request, context)
-
-    async def Decrypt(
-        self, request: v2_pb2.DecryptRequest, context: grpc.aio.ServicerContext
-    ) -> v2_pb2.DecryptResponse:
-        return await self._calls.decrypt(request, context)
-
-
-class KmsV1Servicer(v1beta1_pb2_grpc.KeyManagementServiceServicer):
-    """v1beta1.KeyManagementService, for clusters migrating off KMS v1 plugins."""
-
-    def __init__(self, provider: Provider, call: Call) -> None:
-        self._provider = provider
-        self._call = call
-        self._fast = fast_path(provider)
-        self._version = v1beta1_pb2.VersionResponse(
-            version=contract.KMS_V1, runtime_name="kleidi", runtime_version=__version__
-        )
-
-    async def Version(self, request: v1beta1_pb2.VersionRequest, context: grpc.aio.ServicerContext) -> Any:
-        return self._version
-
-    async def Encrypt(self, request: v1beta1_pb2.EncryptRequest, context: grpc.aio.ServicerContext) -> Any:
-        def body(deadline: float | None) -> v1beta1_pb2.EncryptResponse:
-            check_plaintext(request.plain)
-            return v1beta1_pb2.EncryptResponse(cipher=self._provider.encrypt(request.plain, "", deadline).ciphertext)
-
-        async def fast(deadline: float | None) -> v1beta1_pb2.EncryptResponse | None:
-            assert self._fast is not None
-            check_plaintext(request.plain)
-            wrapped = await self._fast.encrypt_fast(request.plain, deadline)
-            return None if wrapped is None else v1beta1_pb2.EncryptResponse(cipher=wrapped.ciphertext)
-
-        return await self._call.run("Encrypt", "", context, body, fast if self._fast else None)
-
-    async def Decrypt(self, request: v1beta1_pb2.DecryptRequest, context: grpc.aio.ServicerContext) -> Any:
-        def body(deadline: float | None) -> v1beta1_pb2.DecryptResponse:
-            check_ciphertext(request.cipher)
-            return v1beta1_pb2.DecryptResponse(plain=self._provider.decrypt(request.cipher, "", {}, "", deadline))
-
-        async def fast(deadline: float | None) -> v1beta1_pb2.DecryptResponse | None:
-            assert self._fast is not None
-            check_ciphertext(request.cipher)
-            plaintext = await self._fast.decrypt_fast(request.cipher, "", {}, deadline)
-            return None if plaintext is None else v1beta1_pb2.DecryptResponse(plain=plaintext)
-
-        return await self._call.run("Decrypt", "", context, body, fast if self._fast else None)
 
 
 class KleidiServer:
@@ -182,7 +115,7 @@ class KleidiServer:
 
     def _start_remote(self, remote: RemoteFront, pool: futures.ThreadPoolExecutor) -> None:
         """The key server: its gRPC server on a private unix socket, then the mutual TLS listener in front."""
-        from kleidi.remote_server import KeyServerServicer, add_servicer, grpc_options
+        from kleidi.remote_server import add_servicer, grpc_options
 
         assert self._loop is not None
         servicer = KeyServerServicer(self.provider, self.health, self._new_call("remote", pool))

@@ -2,10 +2,10 @@
 through the module's PKCS#11 function list with ctypes.
 
 PyKCS11 stays in charge of everything else (loading, slots, login, sessions, finding objects, attributes).
-Its Session.encrypt costs about three times the token's own work on SoftHSM: a size-query call before
-the real one, a Python wrapper per argument, and a result that can only be read one byte at a time
-(about 0.3 µs per byte). Here one call fills a buffer of the known size, and the GIL is released while
-the token works, so calls on other sessions run in parallel.
+Its Session.encrypt makes a size-query call before the real one, wraps every argument, and hands back a result
+that can only be read one byte at a time; and it holds the GIL while the token works. Here one call fills a
+buffer of the known size, and the GIL is released, so calls on other sessions run in parallel.
+docs/performance.md measures what this buys (bench/launch.py takes it out for the comparison).
 
 A ``Direct`` belongs to one connection: the function pointers stay valid exactly as long as PyKCS11
 keeps that module loaded, which the token pool guarantees while a session of the connection is out."""

@@ -171,8 +171,8 @@ class VaultHttp:
     """The HTTP side of the Vault provider: keep-alive connections from a small pool, one request per attempt.
 
     Python's http.client directly, not hvac/requests or urllib3: the same HTTP/1.1 keep-alive underneath, without
-    the per-call layers on top. Measured here per transit call: requests/hvac 0.65 ms of client CPU, urllib3
-    0.23 ms, http.client 0.14 ms; behind the gRPC server that difference is the plugin's latency and throughput.
+    the per-call layers on top, whose client CPU per transit call is the plugin's latency and throughput behind
+    the gRPC server (docs/performance.md, "Vault / OpenBao", has the figures).
     ``send`` makes exactly one attempt; retries, auth and meaning belong to ``call`` and its callers."""
 
     def __init__(self, config: VaultConfig, metrics: Metrics) -> None:

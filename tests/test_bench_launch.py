@@ -1,0 +1,64 @@
+"""bench/launch.py: a kleidi with a mechanism taken out must do the same work, or the benchmark's comparison means
+nothing. Taken out here: the ctypes token calls (providers/pkcs11_direct.py), replaced by PyKCS11's Session calls."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.backends.softhsm import SoftHsm
+from tests.conftest import pkcs11_config
+from tests.plugin import KleidiProcess
+
+pytestmark = pytest.mark.integration
+
+_WITHOUT_DIRECT = ("-m", "bench.launch", "--without", "pkcs11-direct")
+
+
+@pytest.fixture(scope="module")
+def hsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
+    token = SoftHsm(tmp_path_factory.mktemp("hsm"))
+    token.keygen("kek-1")
+    token.keygen("mac-1", "GENERIC:32")
+    return token
+
+
+@pytest.fixture(params=["aes-gcm", "aes-cbc-hmac"])
+def pair(request: pytest.FixtureRequest, tmp_path: Path, hsm: SoftHsm) -> Iterator[tuple[KleidiProcess, KleidiProcess]]:
+    """kleidi as shipped and kleidi on PyKCS11's calls, on the same token and KEK."""
+    extra = {"mechanism": "aes-cbc-hmac", "hmac_key_label": "mac-1"} if request.param == "aes-cbc-hmac" else {}
+    config = pkcs11_config(hsm, **extra)
+    with (
+        KleidiProcess(tmp_path / "shipped", config, env=hsm.env) as shipped,
+        KleidiProcess(tmp_path / "pykcs11", config, env=hsm.env, launcher=_WITHOUT_DIRECT) as pykcs11,
+    ):
+        for each in (shipped, pykcs11):
+            each.start()
+            each.wait_healthy()
+        yield shipped, pykcs11
+
+
+def test_without_direct_calls_same_blobs_both_ways(pair: tuple[KleidiProcess, KleidiProcess]) -> None:
+    shipped, pykcs11 = pair
+    with shipped.client() as ours, pykcs11.client() as theirs:
+        assert theirs.status().key_id == ours.status().key_id
+        for maker, opener in ((ours, theirs), (theirs, ours)):
+            seed = os.urandom(32)
+            answer = maker.encrypt(seed)
+            assert opener.decrypt(answer.ciphertext, answer.key_id) == seed
+            dek = os.urandom(32)
+            assert opener.v1_decrypt(maker.v1_encrypt(dek)) == dek
+
+
+def test_without_direct_calls_still_refuses_tampering(pair: tuple[KleidiProcess, KleidiProcess]) -> None:
+    shipped, pykcs11 = pair
+    with shipped.client() as ours, pykcs11.client() as theirs:
+        answer = ours.encrypt(os.urandom(32))
+        tampered = answer.ciphertext[:-1] + bytes([answer.ciphertext[-1] ^ 1])
+        with pytest.raises(grpc.RpcError) as info:
+            theirs.decrypt(tampered, answer.key_id)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
