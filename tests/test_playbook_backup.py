@@ -5,8 +5,10 @@ its socket, kept running the way the kubelet keeps a static pod (started again w
 The backup is encrypted on the node: its bytes hold none of the token's files and no secret, and it opens with
 standard AES-256-GCM and scrypt. A node whose token directory is deleted is restored from it, its plugin restarted,
 and it decrypts data written before; a second restore changes nothing; a wrong passphrase, a tampered file and a
-healthy store that differs are refused with a clear message and nothing written. No secret is in any process's
-arguments, in the playbooks' commands, or in a -vvv run's output."""
+healthy store that differs are refused with a clear message and nothing written. After a rotation, the backup taken
+before it (which lacks the KEK in force) is refused, in check mode too, with nothing written; a backup taken since
+restores, and kleidi_backup_restore_allow_older lets the older one through with a warning. No secret is in any
+process's arguments, in the playbooks' commands, or in a -vvv run's output."""
 
 from __future__ import annotations
 
@@ -497,6 +499,74 @@ def test_a_healthy_store_that_differs_is_refused(cluster: Cluster, backup: Backu
     says(refused, "No backup was taken: The nodes hold different stores")
     assert listing(cluster.root("cp-3")) == before
     assert len(list(cluster.backups.glob("*.tar.enc"))) == 1
+
+
+@pytest.fixture(scope="module")
+def rotated(cluster: Cluster, backup: Backup, damaged: Path) -> Path:
+    """After the tests above: a rotation as rotate.yml leaves the backend, with no backup taken since. kleidi-kek-2
+    is added to the shared token (the kleidi_softhsm role as rotate.yml runs it) and both nodes' kleidi.yaml name
+    it; the test's plugins keep their own config (kleidi-kek-1), so the health gate stays about the store. Then cp-2
+    loses its token directory. Returns the backup file taken before the rotation."""
+    extra = {
+        "kleidi_softhsm_pin": PIN,
+        "kleidi_softhsm_so_pin": SO_PIN,
+        "kleidi_softhsm_key_label": "kleidi-kek-2",
+        "kleidi_softhsm_add_key": True,
+    }
+    run_playbook("tests/playbooks/kleidi_softhsm.yml", cluster.inventory("cp-1", "cp-2"), extra_vars=extra).assert_ok()
+    for host in ("cp-1", "cp-2"):
+        path = cluster.root(host) / "etc/kleidi/kleidi.yaml"
+        config = yaml.safe_load(path.read_text())
+        config["pkcs11"]["key_label"] = "kleidi-kek-2"
+        path.write_text(yaml.safe_dump(config))
+    shutil.rmtree(cluster.root("cp-2") / TOKENS)
+    return backup.file
+
+
+def test_a_backup_taken_before_a_rotation_is_refused_and_writes_nothing(cluster: Cluster, rotated: Path) -> None:
+    before = listing(cluster.root("cp-2"))
+    for args in (("--check", "--limit", "cp-2"), ("--limit", "cp-2")):
+        result = cluster.run("playbooks/restore.yml", "cp-1", "cp-2", args=args)
+        assert result.returncode != 0
+        says(
+            result,
+            f"Nothing was restored. {rotated.name} (taken {rotated.name[:16]} on cp-1) holds the keys kleidi-kek-1 "
+            "and lacks the KEK in force: the kleidi.yaml of cp-1 names kleidi-kek-2; the kleidi.yaml of cp-2 names "
+            "kleidi-kek-2.",
+        )
+        says(result, "cp-2 could not decrypt what was written under kleidi-kek-2 since. Restore a newer backup")
+        says(result, "run again with -e kleidi_backup_restore_allow_older=true")
+        assert "would be restored from" not in result.output
+        assert listing(cluster.root("cp-2")) == before
+
+
+def test_a_backup_taken_after_the_rotation_is_restored(cluster: Cluster, rotated: Path) -> None:
+    """What the refusal says to do: a backup from the node that still holds the KEK in force, then the restore."""
+    cluster.run("playbooks/backup.yml", "cp-1", "cp-2", args=("--limit", "cp-1")).assert_ok()
+    newer = max(cluster.backups.glob("*-softhsm.tar.enc"))
+    assert newer != rotated
+    result = cluster.run("playbooks/restore.yml", "cp-1", "cp-2", args=("--limit", "cp-2")).assert_ok()
+    says(result, "cp-2: restored from " + newer.name)
+    assert "WARNING" not in result.output
+    assert cluster.token_dir("cp-2").name == cluster.token_dir("cp-1").name
+
+
+def test_kleidi_backup_restore_allow_older_restores_it_with_a_warning(cluster: Cluster, rotated: Path) -> None:
+    shutil.rmtree(cluster.root("cp-2") / TOKENS)
+    args = (
+        "--limit",
+        "cp-2",
+        "-e",
+        f"kleidi_backup_restore_file={rotated}",
+        "-e",
+        "kleidi_backup_restore_allow_older=true",
+    )
+    result = cluster.run("playbooks/restore.yml", "cp-1", "cp-2", args=args).assert_ok()
+    says(result, f"WARNING: {rotated.name} holds kleidi-kek-1 and lacks the KEK in force")
+    says(result, "cp-2: restored from " + rotated.name)
+    _, files = open_backup(rotated.read_bytes(), PASSPHRASE)
+    token = cluster.token_dir("cp-2")
+    assert sorted(f"{token.name}/{p.name}" for p in token.iterdir() if p.suffix != ".lock") == sorted(files)
 
 
 def test_vault_has_nothing_to_copy_and_points_to_the_server_snapshot(tmp_path: Path) -> None:
