@@ -1,14 +1,22 @@
 """Re-encryption (playbooks/reencrypt.yml, role kleidi_reencrypt): its refusal without a kubeconfig, the resume
 bookkeeping of its controller-side program against a fault-injecting kubectl stand-in (there is no apiserver to
-rewrite objects through here), and the etcd check against a real etcd holding planted values."""
+rewrite objects through here), its wait for every apiserver to use the plugins' key_id (against stand-ins for the
+apiservers' /metrics), and the etcd check against a real etcd holding planted values."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import ssl
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from contextlib import ExitStack
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -104,11 +112,23 @@ def make_cluster(tmp_path: Path, faults: dict[str, Any] | None = None) -> Path:
 
 
 def kubectl_standin(tmp_path: Path) -> Path:
+    """The stand-in as kubectl; each call is also logged, with its time, to <tmp_path>/bin/calls.log."""
     wrapper = tmp_path / "bin" / "kubectl"
     wrapper.parent.mkdir(exist_ok=True)
-    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{REPO / "tests" / "kubectl_standin.py"}" "$@"\n')
+    log = wrapper.with_name("calls.log")
+    wrapper.write_text(
+        f'#!/bin/sh\necho "$(date +%s.%N) $*" >> "{log}"\n'
+        f'exec "{sys.executable}" "{REPO / "tests" / "kubectl_standin.py"}" "$@"\n'
+    )
     wrapper.chmod(0o755)
     return wrapper
+
+
+def replace_times(tmp_path: Path) -> list[float]:
+    """When the role's kubectl calls that write (kubectl replace) started."""
+    log = tmp_path / "bin" / "calls.log"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [float(line.split()[0]) for line in lines if " replace " in f" {line} "]
 
 
 def program(tmp_path: Path, cluster: Path, *args: str, config: dict[str, Any] = CONFIG) -> tuple[int, dict, str]:
@@ -309,8 +329,122 @@ def test_without_a_kubeconfig_the_playbook_stops_at_once_says_why_and_changes_no
     assert "Look for the kubeconfig on the controller" not in result.output
 
 
-def reencrypt(tmp_path: Path, roots: list[Path], cluster: Path, *args: str, **extra: Any) -> PlayResult:
-    hosts = {root.name: {"kleidi_node_root": str(root)} for root in roots}
+KEY_ID_METRIC = "apiserver_envelope_encryption_key_id_hash_status_last_timestamp_seconds"
+
+
+def key_id_hash(key_id: str) -> str:
+    return "sha256:" + hashlib.sha256(key_id.encode()).hexdigest()
+
+
+class ApiserverMetrics:
+    """What kleidi_apiserver's key_id.yml asks of a node's apiserver: /metrics over HTTPS on 127.0.0.1, with the
+    node's kubeadm client certificate required, and in it the key_id hash series of kleidi's kms provider, as
+    kube-apiserver exports them (newest timestamp: the key_id it uses). ``use`` sets the key_id (None: no such
+    metric at all, as an apiserver that does not export it) and, with ``then``, the one it takes ``after`` seconds
+    after it is first asked, as its next Status poll would. Every answer is recorded: (time, the newest
+    key_id_hash or "")."""
+
+    def __init__(self, root: Path, ca: TestCA) -> None:
+        pki = root / "etc/kubernetes/pki"
+        pki.mkdir(parents=True, exist_ok=True)
+        (pki / "ca.crt").write_text(ca.pem)
+        client_cert, client_key = ca.issue(f"{root.name}-apiserver-kubelet-client", client=True)
+        (pki / "apiserver-kubelet-client.crt").write_bytes(client_cert.read_bytes())
+        (pki / "apiserver-kubelet-client.key").write_bytes(client_key.read_bytes())
+        cert, key = ca.issue(f"{root.name}-apiserver")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        context.load_verify_locations(cafile=ca.file)
+        context.verify_mode = ssl.CERT_REQUIRED
+        self.answers: list[tuple[float, str]] = []
+        self.use(None)
+        handler = type("Handler", (_MetricsHandler,), {"apiserver": self})
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+        self.port = int(self._httpd.server_address[1])
+        threading.Thread(target=self._httpd.serve_forever, daemon=True).start()
+
+    def use(self, key_id: str | None, then: str | None = None, after: float = 0.0) -> None:
+        self.key_id, self.then, self.after, self.flips_at = key_id, then, after, 0.0
+        self.answers.clear()
+
+    def metrics(self) -> str:
+        now = time.time()
+        self.flips_at = self.flips_at or now + self.after
+        series = [(self.key_id, self.flips_at - 60)] if self.key_id else []
+        if self.then and now >= self.flips_at:
+            series.append((self.then, self.flips_at))
+        self.answers.append((now, key_id_hash(series[-1][0]) if series else ""))
+        lines = ["# TYPE process_start_time_seconds gauge", f"process_start_time_seconds {now - 3600}"]
+        lines += [
+            f'{KEY_ID_METRIC}{{apiserver_id_hash="sha256:00",key_id_hash="{key_id_hash(key_id)}",'
+            f'provider_name="kleidi"}} {seen}'
+            for key_id, seen in series
+        ]
+        return "\n".join(lines) + "\n"
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class _MetricsHandler(BaseHTTPRequestHandler):
+    apiserver: ApiserverMetrics
+
+    def do_GET(self) -> None:
+        body = self.apiserver.metrics().encode() if self.path == "/metrics" else b"not found\n"
+        self.send_response(200 if self.path == "/metrics" else 404)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@dataclass
+class Nodes:
+    """Two wired control-plane nodes, their plugins on one SoftHSM KEK (key_id), and their apiservers' /metrics."""
+
+    roots: list[Path]
+    apiservers: list[ApiserverMetrics]
+    key_id: str
+
+
+@pytest.fixture(scope="module")
+def module_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nodes]:
+    base = tmp_path_factory.mktemp("reencrypt-nodes")
+    roots = [base / "cp-1", base / "cp-2"]
+    for root in roots:
+        wired_node(root, resources=("secrets", "*.example.com"))
+    hsm = SoftHsm(base / "hsm")
+    hsm.keygen("kek-1")
+    ca = TestCA(base / "ca")
+    with ExitStack() as stack:
+        plugins = [serve_plugin(stack, root, hsm) for root in roots]
+        with plugins[0].client() as kms:
+            key_id = kms.status().key_id
+        apiservers = [ApiserverMetrics(root, ca) for root in roots]
+        for apiserver in apiservers:
+            stack.callback(apiserver.close)
+        yield Nodes(roots, apiservers, key_id)
+
+
+@pytest.fixture
+def nodes(module_nodes: Nodes) -> Nodes:
+    """Every apiserver already on the plugins' key_id, until a test says otherwise."""
+    for apiserver in module_nodes.apiservers:
+        apiserver.use(module_nodes.key_id)
+    return module_nodes
+
+
+def reencrypt(tmp_path: Path, nodes: Nodes, cluster: Path, *args: str, **extra: Any) -> PlayResult:
+    hosts = {
+        root.name: {"kleidi_node_root": str(root), "kleidi_apiserver_port": apiserver.port}
+        for root, apiserver in zip(nodes.roots, nodes.apiservers, strict=True)
+    }
     inventory = local_inventory(tmp_path / "hosts.yml", hosts)
     extra_vars = {
         "kleidi_kubeconfig": str(cluster),
@@ -323,52 +457,104 @@ def reencrypt(tmp_path: Path, roots: list[Path], cluster: Path, *args: str, **ex
     return run_playbook(PLAYBOOK, inventory, *args, extra_vars=extra_vars)
 
 
-def test_the_playbook_rewrites_namespace_by_namespace_with_progress_and_resumes_after_a_stop(tmp_path: Path) -> None:
-    roots = [tmp_path / "cp-1", tmp_path / "cp-2"]
-    for root in roots:
-        wired_node(root, resources=("secrets", "*.example.com"))
-    hsm = SoftHsm(tmp_path / "hsm")
-    hsm.keygen("kek-1")
+def test_the_playbook_rewrites_namespace_by_namespace_with_progress_and_resumes_after_a_stop(
+    tmp_path: Path, nodes: Nodes
+) -> None:
     cluster = make_cluster(tmp_path, {"fail_after_replaces": 4})
-    with ExitStack() as stack:
-        plugins = [serve_plugin(stack, root, hsm) for root in roots]
-        with plugins[0].client() as kms:
-            key_id = kms.status().key_id
-        # What rotate.yml records when it has no kubeconfig; a finished run for that key_id clears it.
-        pending = tmp_path / ".kleidi-state" / "pending-reencryption.json"
-        pending.parent.mkdir(mode=0o700)
-        pending.write_text(json.dumps({"reason": "rotation", "key_id": key_id, "old_key_id": "before"}))
+    key_id = nodes.key_id
+    # What rotate.yml records when it has no kubeconfig; a finished run for that key_id clears it.
+    pending = tmp_path / ".kleidi-state" / "pending-reencryption.json"
+    pending.parent.mkdir(mode=0o700)
+    pending.write_text(json.dumps({"reason": "rotation", "key_id": key_id, "old_key_id": "before"}))
 
-        checked = reencrypt(tmp_path, roots, cluster, "--check").assert_ok()
-        text = " ".join(checked.output.split())
-        assert "10 objects of secrets, widgets.example.com in 4 units to re-encrypt (check mode: nothing is" in text
-        assert [p.name for p in pending.parent.iterdir()] == ["pending-reencryption.json"]
-        assert "attempts" not in json.loads(cluster.read_text())
+    checked = reencrypt(tmp_path, nodes, cluster, "--check").assert_ok()
+    text = " ".join(checked.output.split())
+    assert "10 objects of secrets, widgets.example.com in 4 units to re-encrypt (check mode: nothing is" in text
+    assert [p.name for p in pending.parent.iterdir()] == ["pending-reencryption.json"]
+    assert "attempts" not in json.loads(cluster.read_text())
+    assert all(not apiserver.answers for apiserver in nodes.apiservers), "check mode waited for the apiservers"
 
-        stopped = reencrypt(tmp_path, roots, cluster)
-        assert stopped.returncode != 0
-        text = " ".join(stopped.output.split())
-        assert "[1/4] namespace alpha: 3 rewritten; total 3/10 objects, 1/4 units" in text
-        assert "Re-encryption of beta did not finish: stopped: kubectl replace secrets b2 failed" in text
-        assert "Run playbooks/reencrypt.yml again to resume" in text
-        assert pending.exists(), "the pending record went before the re-encryption finished"
-        # Check mode names the run that would resume, and what is left of it.
-        text = " ".join(reencrypt(tmp_path, roots, cluster, "--check").assert_unchanged().output.split())
-        assert "6 objects of secrets, widgets.example.com in 3 units to re-encrypt (resuming run" in text
+    stopped = reencrypt(tmp_path, nodes, cluster)
+    assert stopped.returncode != 0
+    text = " ".join(stopped.output.split())
+    assert f"apiservers on key_id {key_id}: cp-1 metric, cp-2 metric (metric:" in text
+    assert "[1/4] namespace alpha: 3 rewritten; total 3/10 objects, 1/4 units" in text
+    assert "Re-encryption of beta did not finish: stopped: kubectl replace secrets b2 failed" in text
+    assert "Run playbooks/reencrypt.yml again to resume" in text
+    assert pending.exists(), "the pending record went before the re-encryption finished"
+    # Check mode names the run that would resume, and what is left of it.
+    text = " ".join(reencrypt(tmp_path, nodes, cluster, "--check").assert_unchanged().output.split())
+    assert "6 objects of secrets, widgets.example.com in 3 units to re-encrypt (resuming run" in text
 
-        resumed = reencrypt(tmp_path, roots, cluster).assert_ok()
-        text = " ".join(resumed.output.split())
-        assert "(resuming run" in text
-        assert "[1/3] namespace beta: 3 rewritten, 1 done before" in text
-        assert "[3/3] cluster-scoped objects: 1 rewritten; total 10/10 objects, 4/4 units" in text
-        assert "The etcd check was skipped: kleidi_etcd_endpoints is not set" in text
-        state = json.loads(next((tmp_path / ".kleidi-state").glob("reencrypt-*.json")).read_text())
-        assert state["key_id"] == key_id and state["finished"]
-        assert not pending.exists()
+    resumed = reencrypt(tmp_path, nodes, cluster).assert_ok()
+    text = " ".join(resumed.output.split())
+    assert "(resuming run" in text
+    assert "[1/3] namespace beta: 3 rewritten, 1 done before" in text
+    assert "[3/3] cluster-scoped objects: 1 rewritten; total 10/10 objects, 4/4 units" in text
+    assert "The etcd check was skipped: kleidi_etcd_endpoints is not set" in text
+    state = json.loads(next((tmp_path / ".kleidi-state").glob("reencrypt-*.json")).read_text())
+    assert state["key_id"] == key_id and state["finished"]
+    assert not pending.exists()
 
-        again = reencrypt(tmp_path, roots, cluster).assert_unchanged()
-        assert "nothing left to do" in " ".join(again.output.split())
+    for apiserver in nodes.apiservers:
+        apiserver.answers.clear()
+    again = reencrypt(tmp_path, nodes, cluster).assert_unchanged()
+    assert "nothing left to do" in " ".join(again.output.split())
+    # Nothing left to rewrite: no apiserver is asked.
+    assert all(not apiserver.answers for apiserver in nodes.apiservers)
     assert_no_secret(checked.output, stopped.output, resumed.output, again.output)
+
+
+# A KEK changed outside rotate.yml (a Vault admin's transit rotate, a token label switched by hand): every plugin
+# serves the new key_id at once, but each apiserver learns it only at its next Status poll, and writes under the old
+# one until then. Run alone, reencrypt.yml must not rewrite before every apiserver uses the new key_id.
+
+
+def test_run_alone_it_rewrites_only_once_every_apiserver_uses_the_plugins_key_id(tmp_path: Path, nodes: Nodes) -> None:
+    cluster = make_cluster(tmp_path)
+    late = nodes.apiservers[1]
+    late.use("the-old-key-id", then=nodes.key_id, after=3)
+    result = reencrypt(tmp_path, nodes, cluster).assert_ok()
+    text = " ".join(result.output.split())
+    assert f"apiservers on key_id {nodes.key_id}: cp-1 metric, cp-2 metric" in text
+    assert "[4/4] cluster-scoped objects: 1 rewritten; total 10/10 objects, 4/4 units" in text
+    # cp-2's apiserver was seen on the old key_id, then on the new one; every write came after that.
+    assert late.answers[0][1] == key_id_hash("the-old-key-id")
+    seen_new = min(at for at, newest in late.answers if newest == key_id_hash(nodes.key_id))
+    writes = replace_times(tmp_path)
+    assert len(writes) == 10 and min(writes) > seen_new >= late.flips_at > late.answers[0][0]
+    assert len(json.loads(cluster.read_text())["replaced"]) == 10
+
+
+def test_an_apiserver_that_keeps_the_old_key_id_stops_the_run_before_anything_is_rewritten(
+    tmp_path: Path, nodes: Nodes
+) -> None:
+    cluster = make_cluster(tmp_path)
+    nodes.apiservers[1].use("the-old-key-id")
+    result = reencrypt(tmp_path, nodes, cluster, kleidi_apiserver_key_id_timeout=5)
+    assert result.returncode != 0
+    text = " ".join(result.output.split())
+    assert f"The apiserver on cp-2 (https://127.0.0.1:{nodes.apiservers[1].port}) did not report key_id" in text
+    assert f"{nodes.key_id} ({key_id_hash(nodes.key_id)}) for its kms provider kleidi within 5s" in text
+    assert f"Its newest key_id_hash: {key_id_hash('the-old-key-id')}" in text
+    assert len(nodes.apiservers[1].answers) == 2  # asked again once, 5 s later
+    assert replace_times(tmp_path) == []
+    assert "attempts" not in json.loads(cluster.read_text())
+    assert "[1/4]" not in text
+
+
+def test_an_apiserver_without_the_key_id_metric_is_given_its_status_poll_interval(tmp_path: Path, nodes: Nodes) -> None:
+    cluster = make_cluster(tmp_path)
+    quiet = nodes.apiservers[1]
+    quiet.use(None)  # /metrics answers, without any key_id hash series
+    result = reencrypt(tmp_path, nodes, cluster, kleidi_apiserver_status_poll_delay=4).assert_ok()
+    text = " ".join(result.output.split())
+    assert f"apiservers on key_id {nodes.key_id}: cp-1 metric, cp-2 delay (metric:" in text
+    assert "delay: their Status poll interval waited out" in text
+    # Not called from rotate.yml, there is no switch time to count from: the whole poll delay, from when it asked.
+    asked = quiet.answers[-1][0]
+    writes = replace_times(tmp_path)
+    assert len(writes) == 10 and min(writes) >= asked + 4
 
 
 # --- the etcd check --------------------------------------------------------------------------------------------
