@@ -4,7 +4,12 @@ A plain synchronous ``grpc.server`` with 4 worker threads serving KMS v2 and v1b
 AES-256-GCM done in process by ``cryptography`` (no backend, no checks, no metrics, no logging). The
 benchmarks start it themselves, beside kleidi, and call both with the same client in the same run.
 
-    python -m bench.floor SOCKET      (serves until SIGTERM or SIGINT)
+The token floor is the same server with the AES-256-GCM calls made on a PKCS#11 token through PyKCS11, one
+session per worker thread (a KEK found by label, nothing else): the least a Python plugin pays that makes the same
+token call kleidi makes. The SoftHSM bench measures kleidi against both.
+
+    python -m bench.floor SOCKET                                        (serves until SIGTERM or SIGINT)
+    python -m bench.floor SOCKET --pkcs11 MODULE TOKEN KEY PIN_FILE     (SOFTHSM2_CONF in the environment)
 """
 
 from __future__ import annotations
@@ -28,8 +33,42 @@ WORKERS = 4
 _KEY_ID = "floor-1"
 
 
+class _TokenAead:
+    """AES-256-GCM on a PKCS#11 token with PyKCS11's Session calls, as a plugin written on PyKCS11 alone makes them;
+    the same interface as cryptography's AESGCM, for the calls the floor makes."""
+
+    def __init__(self, module: str, token: str, key: str, pin_file: str) -> None:
+        import PyKCS11
+
+        self._pkcs11 = PyKCS11
+        self._lib = PyKCS11.PyKCS11Lib().load(module)
+        self._slot = next(
+            s for s in self._lib.getSlotList(tokenPresent=True) if self._lib.getTokenInfo(s).label.strip() == token
+        )
+        first = self._lib.openSession(self._slot, PyKCS11.CKF_SERIAL_SESSION)
+        first.login(Path(pin_file).read_text().strip())  # a login holds for every session of the application
+        self._key = first.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_LABEL, key)])[0]
+        self._sessions = threading.local()
+        self._keep = [first]
+
+    def _session(self) -> Any:
+        session = getattr(self._sessions, "session", None)
+        if session is None:
+            session = self._sessions.session = self._lib.openSession(self._slot, self._pkcs11.CKF_SERIAL_SESSION)
+            self._keep.append(session)
+        return session
+
+    def encrypt(self, iv: bytes, data: bytes, aad: None) -> bytes:
+        mechanism = self._pkcs11.AES_GCM_Mechanism(iv, b"", 128)
+        return bytes(self._session().encrypt(self._key, data, mechanism))
+
+    def decrypt(self, iv: bytes, data: bytes, aad: None) -> bytes:
+        mechanism = self._pkcs11.AES_GCM_Mechanism(iv, b"", 128)
+        return bytes(self._session().decrypt(self._key, data, mechanism))
+
+
 class _V2(v2_pb2_grpc.KeyManagementServiceServicer):
-    def __init__(self, aead: AESGCM) -> None:
+    def __init__(self, aead: Any) -> None:
         self._aead = aead
 
     def Status(self, request: Any, context: Any) -> Any:
@@ -45,7 +84,7 @@ class _V2(v2_pb2_grpc.KeyManagementServiceServicer):
 
 
 class _V1(v1beta1_pb2_grpc.KeyManagementServiceServicer):
-    def __init__(self, aead: AESGCM) -> None:
+    def __init__(self, aead: Any) -> None:
         self._aead = aead
 
     def Version(self, request: Any, context: Any) -> Any:
@@ -60,8 +99,8 @@ class _V1(v1beta1_pb2_grpc.KeyManagementServiceServicer):
         return v1beta1_pb2.DecryptResponse(plain=self._aead.decrypt(blob[:12], blob[12:], None))
 
 
-def serve(socket: str) -> None:
-    aead = AESGCM(AESGCM.generate_key(bit_length=256))
+def serve(socket: str, pkcs11: list[str]) -> None:
+    aead = _TokenAead(*pkcs11) if pkcs11 else AESGCM(AESGCM.generate_key(bit_length=256))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS))
     v2_pb2_grpc.add_KeyManagementServiceServicer_to_server(_V2(aead), server)  # type: ignore[no-untyped-call]
     v1beta1_pb2_grpc.add_KeyManagementServiceServicer_to_server(_V1(aead), server)  # type: ignore[no-untyped-call]
@@ -77,12 +116,18 @@ def serve(socket: str) -> None:
 class Floor:
     """The floor server as a child process: ``with Floor(dir) as floor:`` then call ``floor.socket``."""
 
-    def __init__(self, workdir: Path) -> None:
-        self.socket = str(workdir / "floor.sock")
+    def __init__(
+        self, workdir: Path, pkcs11: tuple[str, str, str, str] | None = None, env: dict[str, str] | None = None
+    ) -> None:
+        """``pkcs11``: module, token label, key label and PIN file, for the token floor."""
+        self.socket = str(workdir / ("token-floor.sock" if pkcs11 else "floor.sock"))
+        self._args = ["--pkcs11", *pkcs11] if pkcs11 else []
+        self._env = env
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Floor:
-        self.proc = subprocess.Popen([sys.executable, "-m", "bench.floor", self.socket])
+        env = {**os.environ, **self._env} if self._env else None
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.floor", self.socket, *self._args], env=env)
         until = time.monotonic() + 20
         while not os.path.exists(self.socket):
             if self.proc.poll() is not None or time.monotonic() > until:
@@ -103,4 +148,6 @@ class Floor:
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1])
+    if len(sys.argv) not in (2, 7) or (len(sys.argv) == 7 and sys.argv[2] != "--pkcs11"):
+        raise SystemExit("usage: python -m bench.floor SOCKET [--pkcs11 MODULE TOKEN KEY PIN_FILE]")
+    serve(sys.argv[1], sys.argv[3:])

@@ -1,5 +1,6 @@
 """kleidi on a SoftHSM2 token against the floor (bench/floor.py), both called by the Go client in one run, with
-raw PyKCS11 calls on the same token for reference.
+the token floor (the floor making its AES-GCM calls on the same token through PyKCS11) and raw PyKCS11 calls on
+the token for reference.
 
     python -m bench softhsm        (with the other backends: python -m bench)
     python -m bench.softhsm [--set KEY=VALUE ...] [--variant KEY=VALUE ...] [--without pkcs11-direct]
@@ -34,6 +35,7 @@ from tests.backends.softhsm import SoftHsm
 from tests.plugin import KleidiProcess, wait_for
 
 CALLS = 1000
+TOKEN_FLOOR = "token floor"
 ROUNDS = 5
 CLIENTS = (1, 8)
 _PKCS11_TUNING = ("pool_size", "session_keys", "inline_calls", "session_timeout")
@@ -145,9 +147,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 with each.client() as kms:
                     targets[name] = (each.socket, kms_requests(kms))
             raw = {n: _raw_calls(hsm, n) for n in CLIENTS}
-            with Floor(root) as floor:
-                with KmsClient(floor.socket) as kms:
-                    targets["floor"] = (floor.socket, kms_requests(kms))
+            token = (hsm.module, hsm.label, "kek-1", str(hsm.pin_file))
+            with Floor(root) as floor, Floor(root, token, env=hsm.env) as token_floor:
+                for who, each_floor in (("floor", floor), (TOKEN_FLOOR, token_floor)):
+                    with KmsClient(each_floor.socket) as kms:
+                        targets[who] = (each_floor.socket, kms_requests(kms))
                 status = {
                     who: goclient.measure(binary, targets[who][0], METHODS["v2 Status"], b"", 1, CALLS)
                     for who in ("kleidi", "floor")
@@ -221,6 +225,17 @@ def _report(
                         r[who, op, n].ops_per_s / r["kleidi", op, n].ops_per_s for r in rounds
                     )
                     print(f"{who:<32}{op:<12}{n:>3}{over_floor:>7.2f}x floor{over_kleidi:>7.2f}x kleidi")
+    print(
+        f"\n{TOKEN_FLOOR} (bench/floor.py on the same token through PyKCS11), in the same rounds: its rate over the"
+        " floor's, and kleidi's over its"
+    )
+    for op in operations:
+        for n in CLIENTS:
+            token_over_floor = statistics.median(_ratios(rounds, TOKEN_FLOOR, op, n))
+            kleidi_over_token = statistics.median(
+                r["kleidi", op, n].ops_per_s / r[TOKEN_FLOOR, op, n].ops_per_s for r in rounds
+            )
+            print(f"{op:<12}{n:>3}{token_over_floor:>7.2f}x floor   kleidi {kleidi_over_token:.2f}x the token floor")
     status_ratio = status["kleidi"].p50_ms / status["floor"].p50_ms
     worst = min(((op, n) for op in operations for n in CLIENTS), key=lambda k: statistics.median(ratios["kleidi", *k]))
     lowest = statistics.median(ratios["kleidi", *worst])
