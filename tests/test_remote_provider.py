@@ -229,8 +229,9 @@ def test_blobs_key_id_and_annotations_pass_through_unchanged(servers: list[KeySe
 
 def test_calls_go_to_healthy_endpoints_first_then_the_others(servers: list[KeyServer], make_client: Any) -> None:
     first, second, _ = servers
-    first.fake.healthz = "token gone"
     client = make_client([first.address, second.address])
+    client.provider.check()  # both agree first: a key_id is agreed only by a majority of the configured ones
+    first.fake.healthz = "token gone"
     checked(client, servers)
     assert client.round_trip() == b"k" * 32
     assert first.fake.called("Encrypt") == 0
@@ -490,15 +491,116 @@ def test_one_key_server_changing_kek_never_flips_the_key_id(
     assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=odd.address) == 0
 
 
-def test_before_any_key_id_is_agreed_a_tie_goes_to_the_earliest_endpoint(
-    servers: list[KeyServer], make_client: Any
+@pytest.mark.parametrize("odd_first", [True, False])
+def test_before_any_key_id_is_agreed_a_tie_agrees_on_nothing(
+    servers: list[KeyServer], make_client: Any, odd_first: bool
 ) -> None:
+    """One against one is no majority of the configured key servers, whichever comes first: nothing is agreed,
+    and neither is reported as mismatched, since there is nothing to mismatch yet."""
     odd, usual, _ = servers
     odd.fake.key_id = KEK_2
-    client = make_client([odd.address, usual.address])
+    client = make_client([s.address for s in ([odd, usual] if odd_first else [usual, odd])])
+    with pytest.raises(BackendUnavailable) as raised:
+        client.provider.check()
+    assert "1 of the 2 configured key servers agree on a key_id" in str(raised.value)
+    assert client.provider.key_id() == ""
+    for server in (odd, usual):
+        assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=server.address) == 0
+    with pytest.raises(BackendUnavailable):
+        client.provider.encrypt(b"k" * 32, "u")
+    assert odd.fake.called("Encrypt") == usual.fake.called("Encrypt") == 0
+    odd.fake.key_id = KEK_1  # fixed
+    client.provider.check()
+    assert client.provider.key_id() == KEK_1
+
+
+def test_a_restarted_plugin_does_not_agree_with_a_minority(
+    servers: list[KeyServer], make_client: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The plugin (re)starts while only a mis-provisioned key server (another KEK: a wrong token, an old backup)
+    answers. Taking its key_id would put new data key seeds under a KEK the other plugins refuse, and the rule for
+    moving an agreed key_id would never take it back: so nothing is agreed until a majority of the configured key
+    servers report the same key_id. Decrypt names its key and goes on meanwhile."""
+    odd, first, second = servers
+    odd.fake.key_id = KEK_2
+    first.stop()
+    second.stop()
+    client = make_client([odd.address, first.address, second.address])
+    health = HealthMonitor(client.provider, 1.0, client.metrics)
+    caplog.set_level(logging.WARNING, logger="kleidi.remote")
+    for _ in range(2):
+        state = health.check_once()
+        assert not state.ok
+        assert "1 of the 3 configured key servers agree on a key_id" in state.reason
+        assert "a majority of the configured ones (2) must agree before the first Encrypt" in state.reason
+        assert odd.address in state.reason and first.address in state.reason
+    assert client.provider.key_id() == ""
+    with pytest.raises(BackendUnavailable) as raised:
+        client.provider.encrypt(b"k" * 32, "u")
+    assert "1 of the 3 configured key servers agree on a key_id" in str(raised.value)
+    assert odd.fake.called("Encrypt") == 0
+    assert client.provider.decrypt(f"wrapped:{KEK_2}:s".encode(), KEK_2, {"fake.kleidi.io/uid": b"u"}, "u") == b"s"
+    waiting = [r for r in caplog.records if "no key_id agreed" in r.getMessage()]
+    assert len(waiting) == 2  # at every check, as a refused key server is
+    assert "1 of the 3" in waiting[0].__dict__["reason"]
+    assert key_id_hash(KEK_2) in waiting[0].__dict__["endpoints"]
+    assert not any(KEK_2 in r.getMessage() or KEK_2 in str(r.__dict__) for r in caplog.records)
+
+    # the good ones come back: agreed on theirs, and the odd one is refused and reported
+    first.start()
+    second.start()
+    wait_for(lambda: health.check_once().ok, 5, "agreement once the good key servers answer")
+    assert client.provider.key_id() == KEK_1
+    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=odd.address) == 1
+    assert client.sample("kleidi_remote_endpoint_up", endpoint=odd.address) == 0
+    odd.fake.calls.clear()
+    assert client.provider.encrypt(b"k" * 32, "u").key_id == KEK_1
+    assert odd.fake.called("Encrypt") == 0
+
+
+def test_a_majority_of_the_configured_key_servers_agrees_with_one_away(
+    servers: list[KeyServer], make_client: Any
+) -> None:
+    first, second, away = servers
+    away.stop()
+    client = make_client([away.address, first.address, second.address])
+    client.provider.check()
+    assert client.provider.key_id() == KEK_1
+    assert client.provider.encrypt(b"k" * 32, "u").key_id == KEK_1
+
+
+def test_with_two_key_servers_one_away_at_start_nothing_is_agreed_until_both_agree(
+    servers: list[KeyServer], make_client: Any
+) -> None:
+    """One of two is no majority: Encrypt waits for the other, Decrypt does not."""
+    present, away, _ = servers
+    away.stop()
+    client = make_client([present.address, away.address])
+    with pytest.raises(BackendUnavailable) as raised:
+        client.provider.check()
+    assert "1 of the 2 configured key servers agree on a key_id" in str(raised.value)
+    with pytest.raises(BackendUnavailable):
+        client.provider.encrypt(b"k" * 32, "u")
+    assert client.provider.decrypt(f"wrapped:{KEK_1}:s".encode(), KEK_1, {"fake.kleidi.io/uid": b"u"}, "u") == b"s"
+    # back with another KEK: still no majority
+    away.fake.key_id = KEK_2
+    away.start()
+    wait_for(lambda: _late_answered(client, away), 5, "the returning endpoint's Status")
+    assert "1 of the 2 configured key servers agree on a key_id" in _check_error(client)
+    assert client.provider.key_id() == ""
+    away.fake.key_id = KEK_1
+    client.provider.check()
+    assert client.provider.key_id() == KEK_1
+    assert client.provider.encrypt(b"k" * 32, "u").key_id == KEK_1
+
+
+def test_a_single_key_server_is_a_majority_at_once(servers: list[KeyServer], make_client: Any) -> None:
+    server = servers[0]
+    server.fake.key_id = KEK_2
+    client = make_client([server.address])
     client.provider.check()
     assert client.provider.key_id() == KEK_2
-    assert client.sample("kleidi_remote_endpoint_key_mismatch", endpoint=usual.address) == 1
+    assert client.provider.encrypt(b"k" * 32, "u").key_id == KEK_2
 
 
 def test_a_sole_survivor_reporting_another_key_id_is_refused(servers: list[KeyServer], make_client: Any) -> None:
@@ -557,11 +659,12 @@ def test_encrypt_is_refused_until_a_key_id_is_agreed(servers: list[KeyServer], m
 
 def test_an_endpoint_that_never_agreed_cannot_take_over(servers: list[KeyServer], make_client: Any) -> None:
     """Away at the first checks, then back with another KEK while the agreeing ones are gone: still refused."""
-    first, late, _ = servers
+    first, second, late = servers
     late.stop()
-    client = make_client([first.address, late.address])
+    client = make_client([first.address, second.address, late.address])
     client.provider.check()
     first.stop()
+    second.stop()
     late.fake.key_id = KEK_2
     late.start()
     wait_for(lambda: _late_answered(client, late), 5, "the late endpoint's Status")
@@ -583,12 +686,13 @@ def test_an_endpoint_whose_kek_is_unknown_is_used_only_once_it_agrees(
 ) -> None:
     """Down at the check, so its KEK is unknown: a Decrypt there could get a final answer (NOT_FOUND) another key
     server would not give. The next check (which a failed call asks for at once) admits it."""
-    first, late, _ = servers
+    first, second, late = servers
     late.stop()
-    client = make_client([first.address, late.address])
+    client = make_client([first.address, second.address, late.address])
     client.provider.check()
     late.start()
     first.stop()
+    second.stop()
     with pytest.raises(BackendUnavailable):
         client.provider.encrypt(b"k" * 32, "u")
     assert late.fake.called("Encrypt") == 0
@@ -705,7 +809,19 @@ def test_an_encrypt_under_another_key_id_than_agreed_is_not_returned(
 # --- health ----------------------------------------------------------------------------------------------------
 
 
-def test_status_is_asked_of_every_endpoint_side_by_side(servers: list[KeyServer], make_client: Any) -> None:
+def test_status_is_asked_of_every_endpoint_side_by_side(
+    servers: list[KeyServer], make_client: Any, certs: Path
+) -> None:
+    # five, so that the three answering are a majority of the configured ones and agree on a key_id
+    servers = servers + [KeyServer(certs).start() for _ in range(2)]
+    try:
+        _status_side_by_side(servers, make_client)
+    finally:
+        for server in servers[3:]:
+            server.stop()
+
+
+def _status_side_by_side(servers: list[KeyServer], make_client: Any) -> None:
     for server in servers[:2]:
         server.fake.hang.add("Status")
     client = make_client([s.address for s in servers], timeout="1s")
@@ -713,7 +829,7 @@ def test_status_is_asked_of_every_endpoint_side_by_side(servers: list[KeyServer]
     client.provider.check()
     assert time.monotonic() - started < 1.8  # two hung Status calls cost one timeout, not two
     assert client.provider.key_id() == KEK_1
-    assert [client.sample("kleidi_remote_endpoint_up", endpoint=s.address) for s in servers] == [0, 0, 1]
+    assert [client.sample("kleidi_remote_endpoint_up", endpoint=s.address) for s in servers] == [0, 0, 1, 1, 1]
     assert (
         client.sample(
             "kleidi_remote_calls_total", endpoint=servers[0].address, method="Status", code="DEADLINE_EXCEEDED"

@@ -93,11 +93,12 @@ class RemoteProvider:
     left to the caller's deadline. Blobs, key_id and annotations are the key server's, unchanged, so a cluster can
     move between local and remote mode without re-encrypting.
 
-    ``check`` asks every key server for its Status side by side. The first key_id agreed is the one the most
-    healthy key servers report (on a tie, the earliest endpoint's); after that it moves only when a strict majority
-    of the key servers that agreed with it (answering or not) report the same new one, and a round trip proves it.
-    A key server reporting another key_id is refused until it agrees, so the key_id the apiserver sees never flips
-    because one key server changed KEK. Until a check has agreed on a key_id, Encrypt is refused."""
+    ``check`` asks every key server for its Status side by side. The first key_id agreed is one that a strict
+    majority of the configured key servers report healthy, once a round trip proves it; after that it moves only
+    when a strict majority of the key servers that agreed with it (answering or not) report the same new one, and a
+    round trip proves it. A key server reporting another key_id is refused until it agrees, so the key_id the
+    apiserver sees never flips because one key server changed KEK. Until a check has agreed on a key_id, Encrypt
+    is refused."""
 
     name = "remote"
     inline_safe = False  # every call is a network round trip
@@ -109,6 +110,9 @@ class RemoteProvider:
         self._endpoints = tuple(_Endpoint(address, metrics) for address in config.endpoints)
         self._order: tuple[_Endpoint, ...] = self._endpoints  # the call order; rebuilt, never changed in place
         self._key_id = ""
+        # Why the last check could not agree on a first key_id (too few key servers report the same one); "" once
+        # agreed, or when no check ran yet or the check failed otherwise (the endpoints' problems say why then).
+        self._waiting = ""
         self._state_lock = threading.Lock()
         self._files_lock = threading.Lock()
         self._files_looked = time.monotonic()
@@ -164,9 +168,18 @@ class RemoteProvider:
         started = time.perf_counter()
         try:
             self._look_at_files(force=True)
-            reference, found = self._survey()
+            found = self._survey()
+            reference, waiting = self._vote(found)
             self._round_trip(reference, found)
-            self._publish(reference, found)
+            self._publish(reference, found, waiting)
+            if not self._key_id:
+                if waiting:
+                    # Every check, as a refused key server is: a plugin that cannot encrypt needs an operator.
+                    log.warning(
+                        "no key_id agreed: too few of the configured key servers report the same one",
+                        extra={"reason": waiting, "endpoints": self._problems()},
+                    )
+                raise BackendUnavailable(self._unagreed())
             usable = [e for e in self._endpoints if e.healthy]
             if not usable:
                 raise BackendUnavailable("no key server is usable: " + self._problems())
@@ -191,7 +204,7 @@ class RemoteProvider:
         if method == "Encrypt" and not self._key_id:
             # Any key server's answer would do, and the first to answer would set the key_id the apiserver sees.
             # UNAVAILABLE makes the server run a check at once.
-            raise BackendUnavailable("no key_id agreed with the key servers yet: " + self._problems())
+            raise BackendUnavailable(self._unagreed())
         self._look_at_files(force=False)
         order = self._order
         if not order:
@@ -275,9 +288,8 @@ class RemoteProvider:
 
     # --- health ----------------------------------------------------------------------------------------------
 
-    def _survey(self) -> tuple[str, dict[_Endpoint, Any]]:
-        """Every endpoint's Status, side by side. Returns the reference key_id and the answers (a StatusResponse,
-        or the reason as a string)."""
+    def _survey(self) -> dict[_Endpoint, Any]:
+        """Every endpoint's Status, side by side: a StatusResponse, or the reason as a string."""
         request = remote_v1_pb2.StatusRequest()
         pending = [(e, e.stub.Status.future(request, timeout=self._config.timeout)) for e in self._endpoints]
         found: dict[_Endpoint, Any] = {}
@@ -289,31 +301,38 @@ class RemoteProvider:
                 found[endpoint] = _reason(exc)
             else:
                 endpoint.count("Status", grpc.StatusCode.OK)
-        return self._vote(found), found
+        return found
 
-    def _vote(self, found: dict[_Endpoint, Any]) -> str:
-        """The key_id to check against. Only healthy answers with a key_id count (an empty one is a key server
-        still starting). Before any key_id is agreed: the one the most endpoints report, on a tie the earliest
-        endpoint's. After: the agreed one, unless a strict majority of its voters (answering or not) report the
-        same new one, which is a rotation. So neither a tie, nor a sole survivor, nor an endpoint that never agreed
-        flips the key_id the apiserver sees, which would strand what it wrote meanwhile."""
+    def _vote(self, found: dict[_Endpoint, Any]) -> tuple[str, str]:
+        """The key_id to check against, and when there is none, why. Only healthy answers with a key_id count (an
+        empty one is a key server still starting). Before any key_id is agreed: one that a strict majority of the
+        configured endpoints report, answering or not; whichever answer first at a (re)start may be the odd ones (a
+        wrong token, an old backup), and a key_id taken from them would never move again while the other plugins
+        refuse those key servers and cannot read what this one wrote. After: the agreed one, unless a strict
+        majority of its voters (answering or not) report the same new one, which is a rotation. So neither a tie,
+        nor a sole survivor, nor an endpoint that never agreed flips the key_id the apiserver sees, which would
+        strand what it wrote meanwhile."""
         reported: dict[_Endpoint, str] = {}
-        for endpoint in self._endpoints:  # in configured order, for the tie below
+        for endpoint in self._endpoints:
             answer = found[endpoint]
             if not isinstance(answer, str) and answer.healthz == "ok" and answer.key_id:
                 reported[endpoint] = answer.key_id
         if not self._key_id:
-            votes = Counter(reported.values())
-            if not votes:
-                return ""
-            first = list(dict.fromkeys(reported.values()))
-            return max(votes, key=lambda k: (votes[k], -first.index(k)))
+            key_id, count = Counter(reported.values()).most_common(1)[0] if reported else ("", 0)
+            needed = len(self._endpoints) // 2 + 1
+            if count >= needed:
+                return key_id, ""
+            total = len(self._endpoints)
+            return "", (
+                f"{count} of the {total} configured key servers agree on a key_id, and a majority of the"
+                f" configured ones ({needed}) must agree before the first Encrypt"
+            )
         voters = [e for e in self._endpoints if e.voter]
         votes = Counter(reported[e] for e in voters if e in reported)
         for key_id, count in votes.items():
             if key_id != self._key_id and 2 * count > len(voters):
-                return key_id
-        return self._key_id
+                return key_id, ""
+        return self._key_id, ""
 
     def _round_trip(self, reference: str, found: dict[_Endpoint, Any]) -> None:
         """One Encrypt+Decrypt through the first good endpoint (the next one if it fails); an endpoint failing it
@@ -346,7 +365,7 @@ class RemoteProvider:
                 continue
             return
 
-    def _publish(self, reference: str, found: dict[_Endpoint, Any]) -> None:
+    def _publish(self, reference: str, found: dict[_Endpoint, Any], waiting: str) -> None:
         """Settle every endpoint against the agreed key_id: ``reference`` when an endpoint reporting it came through
         the round trip (a new key_id is never taken on Status alone), else the one agreed before."""
         proven = bool(reference) and any(
@@ -366,6 +385,7 @@ class RemoteProvider:
             for endpoint in self._endpoints:
                 self._settle(endpoint, agreed, found[endpoint])
             self._key_id = agreed
+            self._waiting = "" if agreed else waiting
             self._order = self._ordered()
 
     def _settle(self, endpoint: _Endpoint, agreed: str, answer: Any) -> None:
@@ -397,7 +417,8 @@ class RemoteProvider:
                 # A key server still starting says nothing about its KEK.
                 endpoint.healthy, endpoint.problem = False, "reports no key_id"
             elif not agreed:
-                endpoint.healthy, endpoint.problem = False, "no key_id agreed yet (no key server passed the round trip)"
+                endpoint.healthy = False
+                endpoint.problem = f"reports key_id {key_id_hash(answer.key_id)} (hash); no key_id agreed yet"
             else:
                 endpoint.healthy, endpoint.problem = True, ""
         endpoint.up.set(1 if endpoint.healthy else 0)
@@ -407,6 +428,11 @@ class RemoteProvider:
             log.info("key server usable", extra={"endpoint": endpoint.address, "server_version": version})
         elif not endpoint.healthy and not endpoint.mismatched and endpoint.problem != was_problem:
             log.warning("key server unusable", extra=self._about(endpoint))
+
+    def _unagreed(self) -> str:
+        if not self._waiting:
+            return f"no key_id agreed with the key servers yet: {self._problems()}"
+        return f"no key_id agreed with the key servers yet: {self._waiting}. Key servers: {self._problems()}"
 
     def _problems(self) -> str:
         return "; ".join(f"{e.address}: {e.problem}" for e in self._endpoints)
