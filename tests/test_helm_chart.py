@@ -354,7 +354,8 @@ def test_the_notes_give_the_encryption_configuration_and_the_cold_start_loops() 
     (remote_values,) = [p for p in CI_VALUES if p.name == "remote-values.yaml"]
     remote = helm("install", "kleidi", str(CHART), "-n", "kube-system", "--dry-run=client", "-f", str(remote_values))
     notes = remote.stdout.split("NOTES:", 1)[1]
-    assert "forwards to keyserver-1.example:8443, keyserver-2.example:8443, keyserver-3.example:8443 over mutual TLS" in notes
+    endpoints = "keyserver-1.example:8443, keyserver-2.example:8443, keyserver-3.example:8443"
+    assert f"forwards to {endpoints} over mutual TLS" in notes
     assert "/etc/kleidi/remote/client-key.pem" in notes and "Proxy mode" not in warned.stdout
 
 
