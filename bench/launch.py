@@ -72,9 +72,37 @@ def _no_pkcs11_direct() -> None:
     pkcs11_token.Direct = ViaPyKCS11  # type: ignore[assignment,misc]
 
 
+def _no_token_work() -> None:
+    """The token's AES-GCM work done in process by ``cryptography``, as the floor (bench/floor.py) does it, with
+    everything else on the path kept: sessions and their checkout, the KEK and its session copies, the blob
+    format, the contract checks, metrics. Over the floor, this kleidi shows what its own request path costs."""
+    import PyKCS11
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from kleidi.providers import pkcs11_direct
+
+    # One key for every handle: the bench's token holds one KEK, and its session copies have handles of their own.
+    aead = AESGCM(AESGCM.generate_key(bit_length=256))
+
+    def gcm_encrypt(self: object, session: int, key: int, iv: bytes, aad: bytes, tag_bits: int, data: bytes) -> bytes:
+        assert tag_bits == 128, "cryptography's AESGCM makes 128-bit tags"
+        return aead.encrypt(iv, data, aad or None)
+
+    def gcm_decrypt(self: object, session: int, key: int, iv: bytes, aad: bytes, tag_bits: int, data: bytes) -> bytes:
+        try:
+            return aead.decrypt(iv, data, aad or None)
+        except InvalidTag:  # a tampered blob: what the standard has a token answer
+            raise PyKCS11.PyKCS11Error(PyKCS11.CKR_ENCRYPTED_DATA_INVALID) from None
+
+    pkcs11_direct.Direct.gcm_encrypt = gcm_encrypt  # type: ignore[method-assign]
+    pkcs11_direct.Direct.gcm_decrypt = gcm_decrypt  # type: ignore[method-assign]
+
+
 WITHOUT: dict[str, Callable[[], None]] = {
     "vault-fast-path": _no_vault_fast_path,
     "pkcs11-direct": _no_pkcs11_direct,
+    "token-work": _no_token_work,
 }
 
 

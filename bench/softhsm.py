@@ -3,12 +3,14 @@ the token floor (the floor making its AES-GCM calls on the same token through Py
 the token for reference.
 
     python -m bench softhsm        (with the other backends: python -m bench)
-    python -m bench.softhsm [--set KEY=VALUE ...] [--variant KEY=VALUE ...] [--without pkcs11-direct]
-                            [--only v2|v1|Encrypt|Decrypt]
+    python -m bench.softhsm [--set KEY=VALUE ...] [--variant KEY=VALUE ...]
+                            [--without pkcs11-direct|token-work] [--only v2|v1|Encrypt|Decrypt]
 
 --set changes the config of the kleidi measured; each --variant starts one more kleidi with that setting on top,
 measured in the same rounds, so what a tuning setting buys is read off one run (docs/performance.md).
---without pkcs11-direct does the same for a kleidi whose token calls go through PyKCS11 (bench/launch.py).
+--without does the same for a kleidi with a mechanism taken out (bench/launch.py): pkcs11-direct, its token calls
+through PyKCS11; token-work, the token's AES-GCM done in process as the floor does it, which leaves kleidi's own
+request path to compare with the floor.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--without",
-        choices=("pkcs11-direct",),
+        choices=("pkcs11-direct", "token-work"),
         action="append",
         default=[],
         help="also measure a kleidi with this mechanism taken out, in the same rounds (bench/launch.py)",

@@ -1,5 +1,6 @@
 """bench/launch.py: a kleidi with a mechanism taken out must do the same work, or the benchmark's comparison means
-nothing. Taken out here: the ctypes token calls (providers/pkcs11_direct.py), replaced by PyKCS11's Session calls."""
+nothing. Taken out here: the ctypes token calls (providers/pkcs11_direct.py), replaced by PyKCS11's Session calls;
+and the token's own AES-GCM work, done in process as the floor does it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.plugin import KleidiProcess
 pytestmark = pytest.mark.integration
 
 _WITHOUT_DIRECT = ("-m", "bench.launch", "--without", "pkcs11-direct")
+_WITHOUT_TOKEN_WORK = ("-m", "bench.launch", "--without", "token-work")
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +64,35 @@ def test_without_direct_calls_still_refuses_tampering(pair: tuple[KleidiProcess,
         with pytest.raises(grpc.RpcError) as info:
             theirs.decrypt(tampered, answer.key_id)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_without_token_work_does_the_aes_gcm_in_process(tmp_path: Path, hsm: SoftHsm) -> None:
+    config = pkcs11_config(hsm)
+    with (
+        KleidiProcess(tmp_path / "shipped", config, env=hsm.env) as shipped,
+        KleidiProcess(tmp_path / "in-process", config, env=hsm.env, launcher=_WITHOUT_TOKEN_WORK) as in_process,
+    ):
+        for each in (shipped, in_process):
+            each.start()
+            each.wait_healthy()
+        with shipped.client() as ours, in_process.client() as theirs:
+            # the same KEK label, but the key_id's fingerprint is made by the in-process key, not the token's
+            ours_id, theirs_id = ours.status().key_id, theirs.status().key_id
+            assert theirs_id.rsplit(":", 1)[0] == ours_id.rsplit(":", 1)[0] == "pkcs11:aes-gcm:kek-1"
+            assert theirs_id != ours_id
+            # its own blobs round-trip, v2 and v1
+            seed = os.urandom(32)
+            answer = theirs.encrypt(seed)
+            assert theirs.decrypt(answer.ciphertext, answer.key_id) == seed
+            dek = os.urandom(32)
+            assert theirs.v1_decrypt(theirs.v1_encrypt(dek)) == dek
+            # the work is not the token's: neither opens the other's blobs, whose key_id names another key
+            for maker, opener in ((ours, theirs), (theirs, ours)):
+                made = maker.encrypt(os.urandom(32))
+                with pytest.raises(grpc.RpcError) as info:
+                    opener.decrypt(made.ciphertext, made.key_id)
+                assert info.value.code() == grpc.StatusCode.NOT_FOUND
+            tampered = answer.ciphertext[:-1] + bytes([answer.ciphertext[-1] ^ 1])
+            with pytest.raises(grpc.RpcError) as info:
+                theirs.decrypt(tampered, answer.key_id)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
