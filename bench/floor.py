@@ -5,7 +5,7 @@ AES-256-GCM done in process by ``cryptography`` (no backend, no checks, no metri
 benchmarks start it themselves, beside kleidi, and call both with the same client in the same run.
 
 The token floor is the same server with the AES-256-GCM calls made on a PKCS#11 token through PyKCS11, one
-session per worker thread (a KEK found by label, nothing else): the least a Python plugin pays that makes the same
+session per worker thread (a KEK found by label, nothing else): what a plugin written on PyKCS11 alone pays for the
 token call kleidi makes. The SoftHSM bench measures kleidi against both.
 
     python -m bench.floor SOCKET                                        (serves until SIGTERM or SIGINT)
