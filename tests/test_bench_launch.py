@@ -4,9 +4,11 @@ and the token's own AES-GCM work, done in process as the floor does it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -29,19 +31,27 @@ def hsm(tmp_path_factory: pytest.TempPathFactory) -> SoftHsm:
     return token
 
 
+@contextlib.contextmanager
+def _beside_shipped(
+    workdir: Path, hsm: SoftHsm, config: dict[str, Any], launcher: tuple[str, ...]
+) -> Iterator[tuple[KleidiProcess, KleidiProcess]]:
+    """kleidi as shipped and kleidi started by ``launcher``, both serving, on the same token and config."""
+    with (
+        KleidiProcess(workdir / "shipped", config, env=hsm.env) as shipped,
+        KleidiProcess(workdir / "variant", config, env=hsm.env, launcher=launcher) as variant,
+    ):
+        for each in (shipped, variant):
+            each.start()
+            each.wait_healthy()
+        yield shipped, variant
+
+
 @pytest.fixture(params=["aes-gcm", "aes-cbc-hmac"])
 def pair(request: pytest.FixtureRequest, tmp_path: Path, hsm: SoftHsm) -> Iterator[tuple[KleidiProcess, KleidiProcess]]:
     """kleidi as shipped and kleidi on PyKCS11's calls, on the same token and KEK."""
     extra = {"mechanism": "aes-cbc-hmac", "hmac_key_label": "mac-1"} if request.param == "aes-cbc-hmac" else {}
-    config = pkcs11_config(hsm, **extra)
-    with (
-        KleidiProcess(tmp_path / "shipped", config, env=hsm.env) as shipped,
-        KleidiProcess(tmp_path / "pykcs11", config, env=hsm.env, launcher=_WITHOUT_DIRECT) as pykcs11,
-    ):
-        for each in (shipped, pykcs11):
-            each.start()
-            each.wait_healthy()
-        yield shipped, pykcs11
+    with _beside_shipped(tmp_path, hsm, pkcs11_config(hsm, **extra), _WITHOUT_DIRECT) as both:
+        yield both
 
 
 def test_without_direct_calls_same_blobs_both_ways(pair: tuple[KleidiProcess, KleidiProcess]) -> None:
@@ -67,32 +77,28 @@ def test_without_direct_calls_still_refuses_tampering(pair: tuple[KleidiProcess,
 
 
 def test_without_token_work_does_the_aes_gcm_in_process(tmp_path: Path, hsm: SoftHsm) -> None:
-    config = pkcs11_config(hsm)
     with (
-        KleidiProcess(tmp_path / "shipped", config, env=hsm.env) as shipped,
-        KleidiProcess(tmp_path / "in-process", config, env=hsm.env, launcher=_WITHOUT_TOKEN_WORK) as in_process,
+        _beside_shipped(tmp_path, hsm, pkcs11_config(hsm), _WITHOUT_TOKEN_WORK) as (shipped, in_process),
+        shipped.client() as ours,
+        in_process.client() as theirs,
     ):
-        for each in (shipped, in_process):
-            each.start()
-            each.wait_healthy()
-        with shipped.client() as ours, in_process.client() as theirs:
-            # the same KEK label, but the key_id's fingerprint is made by the in-process key, not the token's
-            ours_id, theirs_id = ours.status().key_id, theirs.status().key_id
-            assert theirs_id.rsplit(":", 1)[0] == ours_id.rsplit(":", 1)[0] == "pkcs11:aes-gcm:kek-1"
-            assert theirs_id != ours_id
-            # its own blobs round-trip, v2 and v1
-            seed = os.urandom(32)
-            answer = theirs.encrypt(seed)
-            assert theirs.decrypt(answer.ciphertext, answer.key_id) == seed
-            dek = os.urandom(32)
-            assert theirs.v1_decrypt(theirs.v1_encrypt(dek)) == dek
-            # the work is not the token's: neither opens the other's blobs, whose key_id names another key
-            for maker, opener in ((ours, theirs), (theirs, ours)):
-                made = maker.encrypt(os.urandom(32))
-                with pytest.raises(grpc.RpcError) as info:
-                    opener.decrypt(made.ciphertext, made.key_id)
-                assert info.value.code() == grpc.StatusCode.NOT_FOUND
-            tampered = answer.ciphertext[:-1] + bytes([answer.ciphertext[-1] ^ 1])
+        # the same KEK label, but the key_id's fingerprint is made by the in-process key, not the token's
+        ours_id, theirs_id = ours.status().key_id, theirs.status().key_id
+        assert theirs_id.rsplit(":", 1)[0] == ours_id.rsplit(":", 1)[0] == "pkcs11:aes-gcm:kek-1"
+        assert theirs_id != ours_id
+        # its own blobs round-trip, v2 and v1
+        seed = os.urandom(32)
+        answer = theirs.encrypt(seed)
+        assert theirs.decrypt(answer.ciphertext, answer.key_id) == seed
+        dek = os.urandom(32)
+        assert theirs.v1_decrypt(theirs.v1_encrypt(dek)) == dek
+        # the work is not the token's: neither opens the other's blobs, whose key_id names another key
+        for maker, opener in ((ours, theirs), (theirs, ours)):
+            made = maker.encrypt(os.urandom(32))
             with pytest.raises(grpc.RpcError) as info:
-                theirs.decrypt(tampered, answer.key_id)
-            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                opener.decrypt(made.ciphertext, made.key_id)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        tampered = answer.ciphertext[:-1] + bytes([answer.ciphertext[-1] ^ 1])
+        with pytest.raises(grpc.RpcError) as info:
+            theirs.decrypt(tampered, answer.key_id)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
