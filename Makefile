@@ -64,8 +64,10 @@ lint: tools
 	$(PY) -m ansiblelint --profile production -q
 	"$(VENV_BIN)/hadolint" Containerfile
 
+# The plugin (pyproject's [tool.mypy]), then the benchmarks and the project's scripts, all strict.
 typecheck: venv
 	$(PY) -m mypy
+	$(PY) -m mypy --strict bench scripts
 	$(PY) -m mypy --strict --ignore-missing-imports --follow-imports=silent molecule/default/simnode/*.py
 
 # The quick tests only (marked unit: no backend, plugin process, playbook, helm or simulated node), in under a minute.

@@ -69,7 +69,7 @@ def _no_pkcs11_direct() -> None:
         def session_copy(self, session: int, key: int) -> int:
             return self._direct.session_copy(session, key)
 
-    pkcs11_token.Direct = ViaPyKCS11  # type: ignore[assignment,misc]
+    pkcs11_token.Direct = ViaPyKCS11  # type: ignore[assignment,attr-defined]
 
 
 def _no_token_work() -> None:

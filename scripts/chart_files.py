@@ -378,7 +378,7 @@ _VALUES: dict[str, Any] = {
 
 def _described(schema: dict[str, Any], path: str, docs: dict[str, str]) -> dict[str, Any]:
     """The schema with each property's `# --` description from values.yaml, description first."""
-    out = {"description": docs[path]} if path in docs else {}
+    out: dict[str, Any] = {"description": docs[path]} if path in docs else {}
     out.update(copy.deepcopy(schema))
     if "properties" in out:
         out["properties"] = {name: _described(sub, f"{path}.{name}", docs) for name, sub in out["properties"].items()}

@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from kleidi import pki
 from tests.backends.process import die_with_parent, stop_process
-from tests.plugin import free_port, wait_for
+from tests.plugin import wait_for
+from tests.ports import free_port
 
 
 def bao_binary() -> str:
