@@ -69,6 +69,15 @@ def rotated(names: list[str], number: int) -> list[str]:
     return names[shift:] + names[:shift]
 
 
+# The gRPC method of each operation the benchmarks measure, as the Go client names it (keys as kms_requests').
+METHODS = {
+    "v2 Status": "/v2.KeyManagementService/Status",
+    "v2 Encrypt": "/v2.KeyManagementService/Encrypt",
+    "v2 Decrypt": "/v2.KeyManagementService/Decrypt",
+    "v1 Encrypt": "/v1beta1.KeyManagementService/Encrypt",
+    "v1 Decrypt": "/v1beta1.KeyManagementService/Decrypt",
+}
+
 HEADER = f"{'operation':<26}{'clients':>8}{'ops/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'raw ops/s':>11}{'raw p50':>9}" + (
     f"{'p50 over raw':>14}{'ops ratio':>11}"
 )

@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from bench import goclient
-from bench.common import kms_requests, rss_mib
+from bench.common import METHODS, kms_requests, rss_mib
 from tests.plugin import KleidiProcess
 
 GRACE = 10.0  # after the backend is back: the health check and the reconnect back-off settle within it
-STATUS = "/v2.KeyManagementService/Status"
+STATUS = METHODS["v2 Status"]
 
 
 @contextmanager
@@ -96,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             assert plugin.proc is not None
             with plugin.client() as kms:
                 requests = kms_requests(kms)
-            mix = [("/v2.KeyManagementService/Encrypt", requests["v2 Encrypt"])] * 2
-            mix += [("/v2.KeyManagementService/Decrypt", requests["v2 Decrypt"]), (STATUS, b"")]
+            mix = [(METHODS["v2 Encrypt"], requests["v2 Encrypt"])] * 2
+            mix += [(METHODS["v2 Decrypt"], requests["v2 Decrypt"]), (STATUS, b"")]
             argv = [str(client), "-socket", plugin.socket, "-duration", f"{args.minutes * 60:.0f}s"]
             argv += ["-clients", str(args.clients), "-pause", f"{args.pause_ms}ms"]
             argv += [arg for method, request in mix for arg in ("-call", f"{method}={request.hex()}")]

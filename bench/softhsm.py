@@ -30,7 +30,7 @@ import PyKCS11
 import yaml
 
 from bench import goclient
-from bench.common import Result, kms_requests, measure, median, rotated, rss_mib
+from bench.common import METHODS, Result, kms_requests, measure, median, rotated, rss_mib
 from bench.floor import Floor
 from kleidi.client import KmsClient
 from tests.backends.softhsm import SoftHsm
@@ -42,14 +42,6 @@ ROUNDS = 5
 CLIENTS = (1, 8)
 _PKCS11_TUNING = ("pool_size", "session_keys", "inline_calls", "session_timeout")
 OPERATIONS = ("v2 Encrypt", "v2 Decrypt", "v1 Encrypt", "v1 Decrypt")
-METHODS = {
-    "v2 Status": "/v2.KeyManagementService/Status",
-    "v2 Encrypt": "/v2.KeyManagementService/Encrypt",
-    "v2 Decrypt": "/v2.KeyManagementService/Decrypt",
-    "v1 Encrypt": "/v1beta1.KeyManagementService/Encrypt",
-    "v1 Decrypt": "/v1beta1.KeyManagementService/Decrypt",
-}
-
 
 def _raw_calls(hsm: SoftHsm, clients: int) -> dict[str, Result]:
     """AES-GCM on the token with PyKCS11 in this process, one session per thread: what the token costs."""

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench import goclient
-from bench.common import Result, kms_requests, median, rotated
+from bench.common import METHODS, Result, kms_requests, median, rotated
 from kleidi.api import v2_pb2
 from tests.backends.openbao import OpenBao, vault_section
 from tests.plugin import KleidiProcess
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _kleidi_caller(binary: Path, socket: str, requests: dict[str, bytes], calls: int) -> _Measure:
     def measure(op: str, clients: int) -> Result:
-        return goclient.measure(binary, socket, f"/v2.KeyManagementService/{op}", requests[f"v2 {op}"], clients, calls)
+        return goclient.measure(binary, socket, METHODS[f"v2 {op}"], requests[f"v2 {op}"], clients, calls)
 
     return measure
 
