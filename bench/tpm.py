@@ -3,7 +3,8 @@
 Starts a private software TPM (swtpm + tpm2-abrmd + a tpm2-pkcs11 token, see tests/backends/tpm.py) and one
 `kleidi serve` process on it, then measures Encrypt and Decrypt of a 32-byte DEK seed:
 
-- kleidi: the KMS v2 gRPC calls over kleidi's unix socket, as the apiserver makes them;
+- kleidi: the KMS v2 gRPC calls over kleidi's unix socket, made by the Go gRPC client (bench/goclient/main.go)
+          as the apiserver makes them, one connection per caller;
 - raw:    the same work done with PyKCS11 in this process, one session per client thread:
           Encrypt = CKM_AES_CBC over the PKCS#7-padded seed + CKM_SHA256_HMAC over header|IV|ciphertext,
           Decrypt = CKM_SHA256_HMAC, constant-time compare, CKM_AES_CBC, unpad, compare with the seed.
@@ -28,7 +29,8 @@ from typing import Any
 
 import PyKCS11
 
-from bench.common import HEADER, measure, row
+from bench import goclient
+from bench.common import HEADER, METHODS, Result, kms_requests, measure, row
 from tests.backends.tpm import SoftwareTPM
 from tests.plugin import KleidiProcess
 
@@ -97,6 +99,7 @@ def _checked(call: Callable[[], bytes], expected: bytes, what: str) -> Callable[
 
 def run(calls: int = CALLS, client_counts: Sequence[int] = (1, 8), pool_size: int = 4) -> list[str]:
     """Measure both paths; returns the printed table lines."""
+    binary = goclient.require()
     lines = [
         "",
         f"kleidi pkcs11 (software TPM via tpm2-pkcs11, aes-cbc-hmac, pool_size {pool_size}), 32-byte data keys;",
@@ -114,12 +117,17 @@ def run(calls: int = CALLS, client_counts: Sequence[int] = (1, 8), pool_size: in
             plugin.start()
             plugin.wait_healthy(30)
             token = RawToken(tpm, max(client_counts))
-            clients = [plugin.client(timeout=30) for _ in range(max(client_counts))]
             try:
+                with plugin.client(timeout=30) as kms:
+                    requests = kms_requests(kms)
+
+                def kleidi(operation: str, callers: int, calls_per_caller: int) -> Result:
+                    method, request = METHODS[operation], requests.get(operation, b"")
+                    return goclient.measure(binary, plugin.socket, method, request, callers, calls_per_caller)
+
                 seed = os.urandom(SEED_BYTES)
-                blob = clients[0].encrypt(seed)
                 raw_blob = token.encrypt(token.sessions[0], seed)
-                status = measure(lambda i: clients[i].status, 1, 200)
+                status = kleidi("v2 Status", 1, 200)
                 lines.append(row("Status", 1, status, None))
                 print(lines[-1], flush=True)
                 for n in client_counts:
@@ -130,18 +138,11 @@ def run(calls: int = CALLS, client_counts: Sequence[int] = (1, 8), pool_size: in
                         n,
                         per_client,
                     )
-                    enc = measure(lambda i: lambda: clients[i].encrypt(seed), n, per_client)
-                    dec = measure(
-                        lambda i: _checked(lambda: clients[i].decrypt(blob.ciphertext, blob.key_id), seed, "kleidi"),
-                        n,
-                        per_client,
-                    )
+                    enc, dec = kleidi("v2 Encrypt", n, per_client), kleidi("v2 Decrypt", n, per_client)
                     for name, plugin_result, raw_result in (("Encrypt", enc, raw_enc), ("Decrypt", dec, raw_dec)):
                         lines.append(row(name, n, plugin_result, raw_result))
                         print(lines[-1], flush=True)
             finally:
-                for client in clients:
-                    client.close()
                 token.close()
     return lines
 
