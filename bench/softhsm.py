@@ -43,6 +43,7 @@ CLIENTS = (1, 8)
 _PKCS11_TUNING = ("pool_size", "session_keys", "inline_calls", "session_timeout")
 OPERATIONS = ("v2 Encrypt", "v2 Decrypt", "v1 Encrypt", "v1 Decrypt")
 
+
 def _raw_calls(hsm: SoftHsm, clients: int) -> dict[str, Result]:
     """AES-GCM on the token with PyKCS11 in this process, one session per thread: what the token costs."""
     os.environ["SOFTHSM2_CONF"] = str(hsm.conf)
