@@ -75,9 +75,9 @@ unit: deps
 	$(PY) -m pytest -q -m unit
 
 # Two pytest-xdist workers, a test module at a time each; the modules that share the host's paths run on one
-# (tests/parallel.py).
+# (tests/parallel.py). The 25 slowest tests are listed at the end: where the run's time goes.
 test: deps tools lint typecheck
-	$(PY) -m pytest -q -n 2 --dist loadscope
+	$(PY) -m pytest -q -n 2 --dist loadscope --durations=25
 	$(MAKE) --no-print-directory molecule
 
 # Three simulated kubeadm control-plane nodes on this machine (molecule/default/simnode/README.md).
