@@ -73,9 +73,10 @@ def _no_pkcs11_direct() -> None:
 
 
 def _no_token_work() -> None:
-    """The token's AES-GCM work done in process by ``cryptography``, as the floor (bench/floor.py) does it, with
-    everything else on the path kept: sessions and their checkout, the KEK and its session copies, the blob
-    format, the contract checks, metrics. Over the floor, this kleidi shows what its own request path costs."""
+    """The token's AES-GCM work done in process by ``cryptography``, as the floor (bench/floor.py) does it, in place
+    of the token and of kleidi's ctypes call into it, with everything else on the path kept: sessions and their
+    checkout, the KEK and its session copies, the blob format, the contract checks, metrics. Over the floor, this
+    kleidi shows what the rest of its request path costs. aes-gcm only (bench/softhsm.py refuses the rest)."""
     import PyKCS11
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -92,7 +93,7 @@ def _no_token_work() -> None:
     def gcm_decrypt(self: object, session: int, key: int, iv: bytes, aad: bytes, tag_bits: int, data: bytes) -> bytes:
         try:
             return aead.decrypt(iv, data, aad or None)
-        except InvalidTag:  # a tampered blob: what the standard has a token answer
+        except InvalidTag:  # a tampered blob: what the standard has a token answer (SoftHSM says GENERAL_ERROR)
             raise PyKCS11.PyKCS11Error(PyKCS11.CKR_ENCRYPTED_DATA_INVALID) from None
 
     pkcs11_direct.Direct.gcm_encrypt = gcm_encrypt  # type: ignore[method-assign]

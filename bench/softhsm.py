@@ -111,6 +111,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--only", choices=("v2", "v1", "Encrypt", "Decrypt"), help="only the operations of this API or this method"
     )
     args = parser.parse_args([] if argv is None else argv)
+    mechanism = next((value for key, value in args.set if key == ["pkcs11", "mechanism"]), "aes-gcm")
+    if "token-work" in args.without and mechanism != "aes-gcm":
+        parser.error("--without token-work replaces the token's AES-GCM calls: it needs pkcs11.mechanism=aes-gcm")
     binary = goclient.require()
     with tempfile.TemporaryDirectory(prefix="kleidi-bench-") as tmp:
         root = Path(tmp)

@@ -4,7 +4,8 @@ Starts a private software TPM (swtpm + tpm2-abrmd + a tpm2-pkcs11 token, see tes
 `kleidi serve` process on it, then measures Encrypt and Decrypt of a 32-byte DEK seed:
 
 - kleidi: the KMS v2 gRPC calls over kleidi's unix socket, made by the Go gRPC client (bench/goclient/main.go)
-          as the apiserver makes them, one connection per caller;
+          as the apiserver makes them, one connection per caller (it does not compare what Decrypt returns: the
+          tests check kleidi's answers, this measures them);
 - raw:    the same work done with PyKCS11 in this process, one session per client thread:
           Encrypt = CKM_AES_CBC over the PKCS#7-padded seed + CKM_SHA256_HMAC over header|IV|ciphertext,
           Decrypt = CKM_SHA256_HMAC, constant-time compare, CKM_AES_CBC, unpad, compare with the seed.
