@@ -4,9 +4,10 @@ A plain synchronous ``grpc.server`` with 4 worker threads serving KMS v2 and v1b
 AES-256-GCM done in process by ``cryptography`` (no backend, no checks, no metrics, no logging). The
 benchmarks start it themselves, beside kleidi, and call both with the same client in the same run.
 
-The token floor is the same server with the AES-256-GCM calls made on a PKCS#11 token through PyKCS11, one
-session per worker thread (a KEK found by label, nothing else): what a plugin written on PyKCS11 alone pays for the
-token call kleidi makes. The SoftHSM bench measures kleidi against both.
+The token floor is the same server with the AES-256-GCM calls made on a PKCS#11 token, as cheaply as kleidi knows
+how: one session per worker thread, a session copy of the KEK, and the calls made through the module's function
+list with ctypes (kleidi's own ``pkcs11_direct.Direct``), with nothing else around them. It is the least any
+Python plugin pays to make the token call kleidi makes. The SoftHSM bench measures kleidi against both.
 
     python -m bench.floor SOCKET                                        (serves until SIGTERM or SIGINT)
     python -m bench.floor SOCKET --pkcs11 MODULE TOKEN KEY PIN_FILE     (SOFTHSM2_CONF in the environment)
@@ -34,11 +35,13 @@ _KEY_ID = "floor-1"
 
 
 class _TokenAead:
-    """AES-256-GCM on a PKCS#11 token with PyKCS11's Session calls, as a plugin written on PyKCS11 alone makes them;
-    the same interface as cryptography's AESGCM, for the calls the floor makes."""
+    """AES-256-GCM on a PKCS#11 token with the least around each call (see the module docstring); the same interface
+    as cryptography's AESGCM, for the calls the floor makes."""
 
     def __init__(self, module: str, token: str, key: str, pin_file: str) -> None:
         import PyKCS11
+
+        from kleidi.providers.pkcs11_direct import Direct
 
         self._pkcs11 = PyKCS11
         self._lib = PyKCS11.PyKCS11Lib().load(module)
@@ -47,24 +50,26 @@ class _TokenAead:
         )
         first = self._lib.openSession(self._slot, PyKCS11.CKF_SERIAL_SESSION)
         first.login(Path(pin_file).read_text().strip())  # a login holds for every session of the application
-        self._key = first.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_LABEL, key)])[0]
+        found = first.findObjects([(PyKCS11.CKA_CLASS, PyKCS11.CKO_SECRET_KEY), (PyKCS11.CKA_LABEL, key)])[0]
+        self._direct = Direct(module)
+        # The copy lives as long as the session that made it, which the floor keeps open.
+        self._key = self._direct.session_copy(first.session.value(), found.value())
         self._sessions = threading.local()
         self._keep = [first]
 
-    def _session(self) -> Any:
-        session = getattr(self._sessions, "session", None)
-        if session is None:
-            session = self._sessions.session = self._lib.openSession(self._slot, self._pkcs11.CKF_SERIAL_SESSION)
+    def _session(self) -> int:
+        handle: int | None = getattr(self._sessions, "handle", None)
+        if handle is None:
+            session = self._lib.openSession(self._slot, self._pkcs11.CKF_SERIAL_SESSION)
             self._keep.append(session)
-        return session
+            handle = self._sessions.handle = session.session.value()
+        return handle
 
     def encrypt(self, iv: bytes, data: bytes, aad: None) -> bytes:
-        mechanism = self._pkcs11.AES_GCM_Mechanism(iv, b"", 128)
-        return bytes(self._session().encrypt(self._key, data, mechanism))
+        return self._direct.gcm_encrypt(self._session(), self._key, iv, b"", 128, data)
 
     def decrypt(self, iv: bytes, data: bytes, aad: None) -> bytes:
-        mechanism = self._pkcs11.AES_GCM_Mechanism(iv, b"", 128)
-        return bytes(self._session().decrypt(self._key, data, mechanism))
+        return self._direct.gcm_decrypt(self._session(), self._key, iv, b"", 128, data)
 
 
 class _V2(v2_pb2_grpc.KeyManagementServiceServicer):
