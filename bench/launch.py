@@ -100,10 +100,61 @@ def _no_token_work() -> None:
     pkcs11_direct.Direct.gcm_decrypt = gcm_decrypt  # type: ignore[method-assign]
 
 
+def _no_request_path() -> None:
+    """kleidi's server (its gRPC setup, socket, health loop and metrics endpoint) with Encrypt and Decrypt answered by
+    the token call alone, inline on the event loop: a pooled session, the KEK's session copy, AES-GCM through the
+    ctypes call, the blob in kleidi's format. Everything else on kleidi's request path is gone: the request and answer
+    checks, the deadline, metrics, the error mapping, the provider's retry and the Call/KeyCalls layers. Over the
+    floor, this kleidi shows what the token call costs, and over kleidi, what kleidi's own code costs. aes-gcm only
+    (bench/softhsm.py refuses the rest)."""
+    import os
+    from typing import Any
+
+    from kleidi import rpc
+    from kleidi.api import v1beta1_pb2, v2_pb2
+    from kleidi.providers.pkcs11 import Pkcs11Provider
+
+    def encrypt(provider: Pkcs11Provider, plaintext: bytes) -> tuple[bytes, str]:
+        kek = provider._current  # published by the first health check, before the plugin reports healthy
+        assert kek is not None
+        iv = os.urandom(12)
+        with provider._token.session(None) as sess:
+            body = sess.direct.gcm_encrypt(sess.handle, kek.aes_handle, iv, kek.header, 128, plaintext)
+        return kek.header + iv + body, kek.key_id
+
+    def decrypt(provider: Pkcs11Provider, blob: bytes) -> bytes:
+        kek = provider._current
+        assert kek is not None
+        start = len(kek.header)
+        with provider._token.session(None) as sess:
+            return sess.direct.gcm_decrypt(
+                sess.handle, kek.aes_handle, blob[start : start + 12], kek.header, 128, blob[start + 12 :]
+            )
+
+    async def v2_encrypt(self: Any, request: Any, context: Any) -> Any:
+        ciphertext, key_id = encrypt(self._calls._provider, request.plaintext)
+        return v2_pb2.EncryptResponse(ciphertext=ciphertext, key_id=key_id)
+
+    async def v2_decrypt(self: Any, request: Any, context: Any) -> Any:
+        return v2_pb2.DecryptResponse(plaintext=decrypt(self._calls._provider, request.ciphertext))
+
+    async def v1_encrypt(self: Any, request: Any, context: Any) -> Any:
+        return v1beta1_pb2.EncryptResponse(cipher=encrypt(self._provider, request.plain)[0])
+
+    async def v1_decrypt(self: Any, request: Any, context: Any) -> Any:
+        return v1beta1_pb2.DecryptResponse(plain=decrypt(self._provider, request.cipher))
+
+    rpc.KmsV2Servicer.Encrypt = v2_encrypt  # type: ignore[method-assign]
+    rpc.KmsV2Servicer.Decrypt = v2_decrypt  # type: ignore[method-assign]
+    rpc.KmsV1Servicer.Encrypt = v1_encrypt  # type: ignore[method-assign]
+    rpc.KmsV1Servicer.Decrypt = v1_decrypt  # type: ignore[method-assign]
+
+
 WITHOUT: dict[str, Callable[[], None]] = {
     "vault-fast-path": _no_vault_fast_path,
     "pkcs11-direct": _no_pkcs11_direct,
     "token-work": _no_token_work,
+    "request-path": _no_request_path,
 }
 
 

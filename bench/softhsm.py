@@ -1,16 +1,17 @@
 """kleidi on a SoftHSM2 token against the floor (bench/floor.py), both called by the Go client in one run, with
-the token floor (the floor making its AES-GCM calls on the same token through PyKCS11) and raw PyKCS11 calls on
-the token for reference.
+the token floor (the floor making kleidi's AES-GCM token call on the same token, with nothing around it) and raw
+PyKCS11 calls on the token for reference.
 
     python -m bench softhsm        (with the other backends: python -m bench)
     python -m bench.softhsm [--set KEY=VALUE ...] [--variant KEY=VALUE ...]
-                            [--without pkcs11-direct|token-work] [--only v2|v1|Encrypt|Decrypt]
+                            [--without pkcs11-direct|token-work|request-path] [--only v2|v1|Encrypt|Decrypt]
 
 --set changes the config of the kleidi measured; each --variant starts one more kleidi with that setting on top,
 measured in the same rounds, so what a tuning setting buys is read off one run (docs/performance.md).
 --without does the same for a kleidi with a mechanism taken out (bench/launch.py): pkcs11-direct, its token calls
 through PyKCS11; token-work, the token's AES-GCM done in process as the floor does it, which leaves kleidi's own
-request path to compare with the floor.
+request path to compare with the floor; request-path, everything but the token call taken out, which leaves the
+token call's cost to compare with the floor, and kleidi's own code's to compare with kleidi.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ TOKEN_FLOOR = "token floor"
 ROUNDS = 5
 CLIENTS = (1, 8)
 _PKCS11_TUNING = ("pool_size", "session_keys", "inline_calls", "session_timeout")
+# What bench/launch.py takes out of a kleidi on a PKCS#11 token (its WITHOUT), and which of those replace AES-GCM calls.
+_SOFTHSM_WITHOUT = ("pkcs11-direct", "token-work", "request-path")
+_AES_GCM_ONLY = ("token-work", "request-path")
 OPERATIONS = ("v2 Encrypt", "v2 Decrypt", "v1 Encrypt", "v1 Decrypt")
 
 
@@ -101,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--without",
-        choices=("pkcs11-direct", "token-work"),
+        choices=_SOFTHSM_WITHOUT,
         action="append",
         default=[],
         help="also measure a kleidi with this mechanism taken out, in the same rounds (bench/launch.py)",
@@ -112,8 +116,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args([] if argv is None else argv)
     mechanism = next((value for key, value in args.set if key == ["pkcs11", "mechanism"]), "aes-gcm")
-    if "token-work" in args.without and mechanism != "aes-gcm":
-        parser.error("--without token-work replaces the token's AES-GCM calls: it needs pkcs11.mechanism=aes-gcm")
+    for name in args.without:
+        if name in _AES_GCM_ONLY and mechanism != "aes-gcm":
+            parser.error(f"--without {name} replaces the token's AES-GCM calls: it needs pkcs11.mechanism=aes-gcm")
     binary = goclient.require()
     with tempfile.TemporaryDirectory(prefix="kleidi-bench-") as tmp:
         root = Path(tmp)
@@ -224,8 +229,8 @@ def _report(
                     )
                     print(f"{who:<32}{op:<12}{n:>3}{over_floor:>7.2f}x floor{over_kleidi:>7.2f}x kleidi")
     print(
-        f"\n{TOKEN_FLOOR} (bench/floor.py on the same token through PyKCS11), in the same rounds: its rate over the"
-        " floor's, and kleidi's over its"
+        f"\n{TOKEN_FLOOR} (bench/floor.py making kleidi's token call on the same token, with nothing around it), in"
+        " the same rounds: its rate over the floor's, and kleidi's over its"
     )
     for op in operations:
         for n in CLIENTS:

@@ -1,6 +1,7 @@
 """bench/launch.py: a kleidi with a mechanism taken out must do the same work, or the benchmark's comparison means
 nothing. Taken out here: the ctypes token calls (providers/pkcs11_direct.py), replaced by PyKCS11's Session calls;
-and the token's own AES-GCM work, done in process as the floor does it."""
+the token's own AES-GCM work, done in process as the floor does it; and everything on the request path but the
+token call."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.integration
 
 _WITHOUT_DIRECT = ("-m", "bench.launch", "--without", "pkcs11-direct")
 _WITHOUT_TOKEN_WORK = ("-m", "bench.launch", "--without", "token-work")
+_WITHOUT_REQUEST_PATH = ("-m", "bench.launch", "--without", "request-path")
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +104,28 @@ def test_without_token_work_does_the_aes_gcm_in_process(tmp_path: Path, hsm: Sof
         with pytest.raises(grpc.RpcError) as info:
             theirs.decrypt(tampered, answer.key_id)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_without_request_path_makes_and_opens_the_same_blobs_with_the_token(tmp_path: Path, hsm: SoftHsm) -> None:
+    with (
+        _beside_shipped(tmp_path, hsm, pkcs11_config(hsm), _WITHOUT_REQUEST_PATH) as (shipped, bare),
+        shipped.client() as ours,
+        bare.client() as theirs,
+    ):
+        key_id = ours.status().key_id
+        for maker, opener in ((ours, theirs), (theirs, ours)):
+            seed = os.urandom(32)
+            answer = maker.encrypt(seed)
+            assert answer.key_id == key_id
+            assert opener.decrypt(answer.ciphertext, answer.key_id) == seed
+            dek = os.urandom(32)
+            assert opener.v1_decrypt(maker.v1_encrypt(dek)) == dek
+        # kleidi's request path is gone from the one, not the other: both served the same calls, one counted them
+        assert _requests(shipped) == 4 and _requests(bare) == 0
+
+
+def _requests(plugin: KleidiProcess) -> float:
+    """kleidi_requests_total over every label, from the plugin's /metrics."""
+    code, text = plugin.http("/metrics")
+    assert code == 200
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("kleidi_requests_total{"))
