@@ -37,6 +37,7 @@ class FaultyProvider:
         self.encrypt_blocks = False
         self.crash = False
         self.oversize = False
+        self.annotations: dict[str, bytes] = {}
         self.unavailable = False
         self.deadlines: list[float | None] = []
         self.decrypts = 0
@@ -54,7 +55,7 @@ class FaultyProvider:
         if self.unavailable:
             raise BackendUnavailable("backend down for the test")
         body = bytes(b ^ 0x5A for b in plaintext)
-        return Wrapped(body * (40 if self.oversize else 1), self.key_id())
+        return Wrapped(body * (40 if self.oversize else 1), self.key_id(), self.annotations)
 
     def decrypt(
         self, ciphertext: bytes, key_id: str, annotations: Mapping[str, bytes], uid: str, deadline: float | None = None
@@ -131,6 +132,15 @@ def test_answers_that_break_the_contract_are_not_passed_on(
     with pytest.raises(grpc.RpcError) as info:
         client.encrypt(os.urandom(32))
     assert "over the 1024-byte limit" in info.value.details()
+
+
+def test_a_providers_annotations_reach_the_caller_and_none_is_added(
+    running: tuple[KleidiServer, FaultyProvider, KmsClient],
+) -> None:
+    _, provider, client = running
+    assert dict(client.encrypt(os.urandom(32)).annotations) == {}
+    provider.annotations = {"version.faulty.kleidi.io": b"1", "key.faulty.kleidi.io": b"\x00\x01"}
+    assert dict(client.encrypt(os.urandom(32)).annotations) == provider.annotations
 
 
 def test_unavailable_backend_maps_to_unavailable_and_the_deadline_reaches_the_provider(
