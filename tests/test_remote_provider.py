@@ -353,6 +353,24 @@ def test_a_key_server_that_does_not_know_the_key_is_passed_over_for_decrypt(
     assert (first.fake.called("Decrypt"), second.fake.called("Decrypt")) == (1, 0)
 
 
+def test_a_key_server_that_lost_the_kek_is_passed_over_for_encrypt(servers: list[KeyServer], make_client: Any) -> None:
+    """NOT_FOUND on Encrypt: that key server's backend lost the agreed KEK, the others may still hold it. The Encrypt
+    goes to the next one, and the odd one goes to the back of the line; when none holds it, the answer is NOT_FOUND."""
+    first, second, _ = servers
+    client = make_client([first.address, second.address])
+    checked(client, servers)
+    first.fake.fail["Encrypt"] = (grpc.StatusCode.NOT_FOUND, "key_not_found")
+    for _ in range(2):
+        assert client.provider.encrypt(b"k" * 32, "u").key_id == KEK_1
+    assert (first.fake.called("Encrypt"), second.fake.called("Encrypt")) == (1, 2)
+    assert client.sample("kleidi_remote_failovers_total", endpoint=first.address) == 1
+    assert client.sample("kleidi_remote_calls_total", endpoint=first.address, method="Encrypt", code="NOT_FOUND") == 1
+    second.fake.fail["Encrypt"] = (grpc.StatusCode.NOT_FOUND, "key_not_found")
+    with pytest.raises(KeyNotFound) as raised:
+        client.provider.encrypt(b"k" * 32, "u")
+    assert first.address in str(raised.value) and second.address in str(raised.value)
+
+
 def test_a_key_no_key_server_knows_is_not_found(servers: list[KeyServer], make_client: Any) -> None:
     first, second, _ = servers
     client = make_client([first.address, second.address])

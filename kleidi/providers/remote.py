@@ -32,8 +32,8 @@ log = logging.getLogger("kleidi.remote")
 
 # Answers every key server would give alike (they serve the same KEK): passed to the caller at once, never failed
 # over. Anything else (no answer, TLS refused, a key server whose backend is down) is tried on the next endpoint;
-# so is a NOT_FOUND on Decrypt (see _call).
-_FINAL = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION})
+# so is a NOT_FOUND, which may be one key server's alone (see _call).
+_FINAL = frozenset({grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION})
 # The trailing metadata key in which a key server names the error's kind (KleidiError.kind).
 ERROR_KIND = "kleidi-error-kind"
 # How old the last look at the certificate files may be before a call looks again (each health check looks too).
@@ -227,9 +227,10 @@ class RemoteProvider:
                 code = exc.code()
                 endpoint.count(method, code)
                 reason = _reason(exc)
-                if code == grpc.StatusCode.NOT_FOUND and method == "Decrypt":
-                    # Unlike tampering, an unknown key may be this key server's alone (its KEK changed since the
-                    # check): another may still hold it. Demoted below, unless every key server says the same.
+                if code == grpc.StatusCode.NOT_FOUND:
+                    # Unlike tampering, an unknown key may be this key server's alone: on Decrypt its KEK changed
+                    # since the check, on Encrypt the agreed KEK is gone from its backend (deleted, a token
+                    # replaced). Another may still hold it. Demoted below, unless every key server says the same.
                     not_found.append(endpoint)
                     problems.append(f"{endpoint.address}: {reason}")
                     if index + 1 < len(order):
