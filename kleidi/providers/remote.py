@@ -517,6 +517,4 @@ def _final_error(address: str, method: str, exc: grpc.RpcError) -> KleidiError:
     message = f"key server {address} refused {method}: {str(exc.details() or code.name)[:_MAX_DETAILS]}"
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         return IntegrityError(message) if _kind(exc) == IntegrityError.kind else InvalidInput(message)
-    if code == grpc.StatusCode.NOT_FOUND:
-        return KeyNotFound(message)
     return ConfigError(message)
