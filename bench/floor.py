@@ -6,8 +6,8 @@ benchmarks start it themselves, beside kleidi, and call both with the same clien
 
 The token floor is the same server with the AES-256-GCM calls made on a PKCS#11 token, as cheaply as kleidi knows
 how: one session per worker thread, a session copy of the KEK, and the calls made through the module's function
-list with ctypes (kleidi's own ``pkcs11_direct.Direct``), with nothing else around them. It is the least any
-Python plugin pays to make the token call kleidi makes. The SoftHSM bench measures kleidi against both.
+list with ctypes (kleidi's own ``pkcs11_direct.Direct``), with nothing else around them: the least a plugin on
+this synchronous server pays to make the token call kleidi makes. The SoftHSM bench measures kleidi against both.
 
     python -m bench.floor SOCKET                                        (serves until SIGTERM or SIGINT)
     python -m bench.floor SOCKET --pkcs11 MODULE TOKEN KEY PIN_FILE     (SOFTHSM2_CONF in the environment)

@@ -105,8 +105,9 @@ def _no_request_path() -> None:
     the token call alone, inline on the event loop: a pooled session, the KEK's session copy, AES-GCM through the
     ctypes call, the blob in kleidi's format. Everything else on kleidi's request path is gone: the request and answer
     checks, the deadline, metrics, the error mapping, the provider's retry and the Call/KeyCalls layers. Over the
-    floor, this kleidi shows what the token call costs, and over kleidi, what kleidi's own code costs. aes-gcm only
-    (bench/softhsm.py refuses the rest)."""
+    floor, this kleidi shows the token call on kleidi's server model, and over kleidi, what kleidi's own code costs.
+    Blobs are opened with the current KEK only, whatever their header names (a foreign one fails authentication).
+    aes-gcm only: this launcher does not check, bench/softhsm.py refuses the rest."""
     import os
     from typing import Any
 
