@@ -131,6 +131,13 @@ class KleidiProcess:
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode()
 
+    def metrics(self) -> dict[str, float]:
+        """Every sample on /metrics, by name and labels as written there (labels sorted by name)."""
+        status, text = self.http("/metrics")
+        assert status == 200
+        samples = (line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+        return {sample: float(value) for sample, value in samples}
+
     def healthz(self) -> tuple[int, str]:
         return self.http("/healthz")
 

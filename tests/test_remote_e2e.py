@@ -72,13 +72,8 @@ def key_server(root: Path, certs: Path, hsm: SoftHsm, key_label: str) -> KleidiP
 
 def metric(proc: KleidiProcess, name: str, **labels: str) -> float | None:
     """One sample from the process's /metrics, or None when it is not there."""
-    status, text = proc.http("/metrics")
-    assert status == 200
     wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
-    for line in text.splitlines():
-        if line.startswith(wanted + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return None
+    return proc.metrics().get(wanted)
 
 
 @pytest.fixture(scope="module")

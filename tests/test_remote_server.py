@@ -12,7 +12,6 @@ import fcntl
 import itertools
 import logging
 import os
-import re
 import select
 import shutil
 import signal
@@ -123,10 +122,7 @@ def _stub(channel: grpc.Channel) -> Any:
 
 def _metric(proc: KleidiProcess, sample: str) -> float:
     """The value of one sample (name and labels, as /metrics writes them); 0 when absent."""
-    status, text = proc.http("/metrics")
-    assert status == 200
-    match = re.search(rf"^{re.escape(sample)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return proc.metrics().get(sample, 0.0)
 
 
 def _refusals(proc: KleidiProcess, source: str | None = None) -> list[dict[str, Any]]:
