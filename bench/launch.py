@@ -114,22 +114,25 @@ def _no_request_path() -> None:
     from kleidi import rpc
     from kleidi.api import v1beta1_pb2, v2_pb2
     from kleidi.providers.pkcs11 import Pkcs11Provider
+    from kleidi.providers.pkcs11_blob import GCM_IV_BYTES, GCM_TAG_BYTES
+
+    tag_bits = GCM_TAG_BYTES * 8
 
     def encrypt(provider: Pkcs11Provider, plaintext: bytes) -> tuple[bytes, str]:
         kek = provider._current  # published by the first health check, before the plugin reports healthy
         assert kek is not None
-        iv = os.urandom(12)
+        iv = os.urandom(GCM_IV_BYTES)
         with provider._token.session(None) as sess:
-            body = sess.direct.gcm_encrypt(sess.handle, kek.aes_handle, iv, kek.header, 128, plaintext)
+            body = sess.direct.gcm_encrypt(sess.handle, kek.aes_handle, iv, kek.header, tag_bits, plaintext)
         return kek.header + iv + body, kek.key_id
 
     def decrypt(provider: Pkcs11Provider, blob: bytes) -> bytes:
         kek = provider._current
         assert kek is not None
-        start = len(kek.header)
+        iv_at, body_at = len(kek.header), len(kek.header) + GCM_IV_BYTES
         with provider._token.session(None) as sess:
             return sess.direct.gcm_decrypt(
-                sess.handle, kek.aes_handle, blob[start : start + 12], kek.header, 128, blob[start + 12 :]
+                sess.handle, kek.aes_handle, blob[iv_at:body_at], kek.header, tag_bits, blob[body_at:]
             )
 
     async def v2_encrypt(self: Any, request: Any, context: Any) -> Any:
